@@ -1,0 +1,2 @@
+//! upstreamd keeps an nginx `upstream` include file true to the world.
+pub mod model;
