@@ -1,2 +1,3 @@
 //! upstreamd keeps an nginx `upstream` include file true to the world.
+pub mod config;
 pub mod model;
