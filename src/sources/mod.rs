@@ -1,0 +1,126 @@
+//! Sources: where endpoints come from. Each runs as its own task and sends full snapshots.
+//!
+//! A source never sends deltas and never sends an empty set because it failed: on error it
+//! sends `Failed`, and the controller keeps its last good snapshot, marked stale.
+
+pub mod static_list;
+
+use std::future::Future;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SourceConfig;
+use crate::model::{Endpoint, UpstreamName};
+
+/// Which source of which upstream an update comes from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceKey {
+    /// The upstream the source feeds.
+    pub upstream: UpstreamName,
+    /// The source's position in the upstream's `[[upstream.source]]` list.
+    pub index: usize,
+    /// The metric label: the kind (`consul`), with `#N` appended when an upstream has several
+    /// sources of one kind.
+    pub label: String,
+}
+
+/// What a source reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// The full, validated list of endpoints. Invalid entries are already left out (and
+    /// logged by the source with their key); `skipped` says how many.
+    Snapshot {
+        /// Every valid endpoint, in any order.
+        endpoints: Vec<Endpoint>,
+        /// How many entries were skipped as invalid.
+        skipped: usize,
+    },
+    /// The source could not get an answer; its last snapshot stands, marked stale.
+    Failed {
+        /// What went wrong, without secrets.
+        error: String,
+    },
+}
+
+/// One message from a source to the controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceUpdate {
+    /// Who sent it.
+    pub key: SourceKey,
+    /// What happened.
+    pub event: SourceEvent,
+}
+
+/// The sending end a source reports through.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    key: SourceKey,
+    tx: mpsc::Sender<SourceUpdate>,
+}
+
+impl Sink {
+    /// A sink that tags every update with `key`.
+    pub fn new(key: SourceKey, tx: mpsc::Sender<SourceUpdate>) -> Self {
+        Self { key, tx }
+    }
+
+    /// The key this sink reports as.
+    pub fn key(&self) -> &SourceKey {
+        &self.key
+    }
+
+    /// Reports a full snapshot. Returns false when the controller is gone.
+    pub async fn snapshot(&self, endpoints: Vec<Endpoint>, skipped: usize) -> bool {
+        self.send(SourceEvent::Snapshot { endpoints, skipped }).await
+    }
+
+    /// Reports a failure. Returns false when the controller is gone.
+    pub async fn failed(&self, error: impl Into<String>) -> bool {
+        self.send(SourceEvent::Failed { error: error.into() }).await
+    }
+
+    async fn send(&self, event: SourceEvent) -> bool {
+        self.tx.send(SourceUpdate { key: self.key.clone(), event }).await.is_ok()
+    }
+}
+
+/// A source of endpoints: runs until `shutdown` is cancelled, reporting through `sink`.
+pub trait Source: Send + 'static {
+    /// Runs the source to completion.
+    fn run(self, sink: Sink, shutdown: CancellationToken) -> impl Future<Output = ()> + Send;
+}
+
+/// The metric labels of an upstream's sources, in order: the kind, or `kind#N` (N from 1)
+/// when the upstream has several sources of that kind.
+pub fn labels(sources: &[SourceConfig]) -> Vec<String> {
+    let count = |upto: &[SourceConfig], kind: &str| upto.iter().filter(|o| o.kind() == kind).count();
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match count(sources, s.kind()) {
+            1 => s.kind().to_owned(),
+            _ => format!("{}#{}", s.kind(), count(&sources[..=i], s.kind())),
+        })
+        .collect()
+}
+
+/// Starts the task for one configured source.
+pub fn spawn(
+    key: SourceKey,
+    cfg: &SourceConfig,
+    tx: mpsc::Sender<SourceUpdate>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let sink = Sink::new(key, tx);
+    match cfg {
+        SourceConfig::Static(s) => tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown)),
+        SourceConfig::Consul(_) | SourceConfig::Etcd(_) => tokio::spawn(async move {
+            // Placeholder until the registry sources land: report a failure so the
+            // controller never renders from an absent registry.
+            let _delivered = sink.failed("this source kind is not built yet").await;
+            shutdown.cancelled().await;
+        }),
+    }
+}
