@@ -1,4 +1,7 @@
 //! upstreamd keeps an nginx `upstream` include file true to the world.
 pub mod config;
+pub mod decide;
+pub mod health;
 pub mod model;
+pub mod render;
 pub mod sources;

@@ -1,0 +1,206 @@
+//! Rendering: from decided upstreams to the bytes of the include file, with minijinja.
+//!
+//! Pure once the template is compiled. Templates see only typed values (validated names,
+//! addresses printed from parsed types, numbers), so nothing a registry says can add a
+//! directive. Equal membership gives equal bytes: no timestamps, sorted servers.
+
+use std::path::Path;
+
+use minijinja::{AutoEscape, Environment};
+use serde::Serialize;
+
+use crate::config::{AllUnhealthy, Balance};
+use crate::decide::{Desired, Verdict};
+
+/// The built-in template, `templates/upstream.conf.j2`.
+pub const BUILTIN_TEMPLATE: &str = include_str!("../templates/upstream.conf.j2");
+
+const TEMPLATE_NAME: &str = "upstream.conf";
+
+/// Why a template could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The custom template file could not be read.
+    #[error("failed to read template `{path}`: {source}")]
+    Read {
+        /// The template path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The template does not compile or failed while rendering.
+    #[error("template error: {0:#}")]
+    Template(#[from] minijinja::Error),
+}
+
+/// A compiled template.
+#[derive(Debug)]
+pub struct Renderer {
+    env: Environment<'static>,
+}
+
+#[derive(Serialize)]
+struct ServerCtx {
+    address: String,
+    weight: Option<u32>,
+    max_fails: Option<u32>,
+    fail_timeout: Option<u64>,
+    backup: bool,
+    down: bool,
+    verdict: Verdict,
+}
+
+#[derive(Serialize)]
+struct UpstreamCtx<'a> {
+    name: &'a str,
+    balance: Balance,
+    hash_key: Option<&'a str>,
+    affinity_cookie: &'a str,
+    keepalive: u32,
+    zone_size: String,
+    placeholder: bool,
+    all_unhealthy: bool,
+    on_all_unhealthy: AllUnhealthy,
+    servers: Vec<ServerCtx>,
+}
+
+/// The shared-memory zone for `servers` servers: 64 KiB plus 512 bytes a server, in KiB
+/// (a fixed 1m zone is too small for 10,000 servers).
+pub fn zone_size(servers: usize) -> String {
+    format!("{}k", 64 + (servers * 512).div_ceil(1024))
+}
+
+impl Renderer {
+    /// Compiles the template at `path`, or the built-in one.
+    pub fn new(path: Option<&Path>) -> Result<Self, RenderError> {
+        let source = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| RenderError::Read { path: p.display().to_string(), source })?,
+            None => BUILTIN_TEMPLATE.to_owned(),
+        };
+        Self::from_source(source)
+    }
+
+    /// Compiles template text.
+    pub fn from_source(source: String) -> Result<Self, RenderError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.add_template_owned(TEMPLATE_NAME, source)?;
+        Ok(Self { env })
+    }
+
+    /// Renders the whole include file for these upstreams, given in config order.
+    pub fn render(&self, upstreams: &[(Desired, AllUnhealthy)]) -> Result<String, RenderError> {
+        let ctx: Vec<UpstreamCtx<'_>> = upstreams
+            .iter()
+            .map(|(d, policy)| UpstreamCtx {
+                name: d.name.as_str(),
+                balance: d.balance,
+                hash_key: d.hash_key.as_deref(),
+                affinity_cookie: &d.affinity_cookie,
+                keepalive: d.keepalive,
+                zone_size: zone_size(d.servers.len().max(1)),
+                placeholder: d.placeholder,
+                all_unhealthy: d.all_unhealthy,
+                on_all_unhealthy: *policy,
+                servers: d
+                    .servers
+                    .iter()
+                    .map(|s| ServerCtx {
+                        address: s.address.to_string(),
+                        weight: s.attrs.weight,
+                        max_fails: s.attrs.max_fails,
+                        fail_timeout: s.attrs.fail_timeout,
+                        backup: s.attrs.backup,
+                        down: s.down,
+                        verdict: s.verdict,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let tmpl = self.env.get_template(TEMPLATE_NAME)?;
+        Ok(tmpl.render(minijinja::context! { upstreams => ctx, version => env!("CARGO_PKG_VERSION") })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::tests::{ep, upstream};
+    use crate::decide::{decide, merge};
+    use crate::health::Health;
+
+    fn render_one(balance: Balance, eps: &[crate::model::Endpoint], health: Health) -> String {
+        let cfg = upstream("kotaemon", balance);
+        let d = decide(&cfg, &merge([eps]), |_| health);
+        Renderer::new(None).unwrap().render(&[(d, cfg.on_all_unhealthy)]).unwrap()
+    }
+
+    #[test]
+    fn renders_servers_with_attributes_sorted_by_address() {
+        let mut a = ep("127.0.0.3:7860");
+        a.attrs.weight = Some(3);
+        a.attrs.max_fails = Some(2);
+        a.attrs.fail_timeout = Some(10);
+        let mut b = ep("127.0.0.2:7860");
+        b.attrs.backup = true;
+        let text = render_one(Balance::LeastConn, &[a, b], Health::Up);
+        let body: Vec<&str> = text.lines().filter(|l| l.starts_with("    ")).collect();
+        assert_eq!(
+            body,
+            vec![
+                "    zone kotaemon 65k;",
+                "    least_conn;",
+                "    server 127.0.0.2:7860 backup;",
+                "    server 127.0.0.3:7860 weight=3 max_fails=2 fail_timeout=10s;",
+                "    keepalive 32;",
+            ]
+        );
+    }
+
+    #[test]
+    fn sticky_renders_the_two_maps_named_after_the_upstream() {
+        let text = render_one(Balance::Sticky, &[ep("127.0.0.2:7860")], Health::Up);
+        assert!(text.contains("map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}"));
+        assert!(text.contains(
+            "map $cookie_kh_affinity $kotaemon_affinity_cookie {\n    \"\"      \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    default \"\";\n}"
+        ));
+        assert!(text.contains("    hash $kotaemon_affinity_key consistent;\n"));
+    }
+
+    #[test]
+    fn an_empty_upstream_gets_a_down_placeholder() {
+        let text = render_one(Balance::RoundRobin, &[], Health::Up);
+        assert!(text.contains("    server 127.0.0.1:1 down;\n"), "{text}");
+    }
+
+    #[test]
+    fn equal_membership_renders_equal_bytes_whatever_the_input_order() {
+        let one = render_one(Balance::RoundRobin, &[ep("127.0.0.2:1"), ep("127.0.0.9:1")], Health::Up);
+        let two = render_one(Balance::RoundRobin, &[ep("127.0.0.9:1"), ep("127.0.0.2:1")], Health::Up);
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn unhealthy_servers_render_down() {
+        let text = render_one(Balance::RoundRobin, &[ep("127.0.0.2:1")], Health::Down);
+        // One endpoint, all unhealthy: fail_open renders it up, with a comment.
+        assert!(text.contains("on_all_unhealthy = fail_open") && text.contains("    server 127.0.0.2:1;\n"));
+    }
+
+    #[test]
+    fn a_broken_custom_template_is_an_error_not_a_panic() {
+        assert!(Renderer::from_source("{% for %}".into()).is_err());
+        let r = Renderer::from_source("{{ nosuchvar.x }}".into()).unwrap();
+        assert!(r.render(&[]).is_err());
+    }
+
+    #[test]
+    fn zone_grows_with_the_server_count() {
+        assert_eq!(zone_size(1), "65k");
+        assert_eq!(zone_size(10_000), "5064k");
+    }
+}
