@@ -2,6 +2,7 @@
 pub mod config;
 pub mod decide;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod sources;

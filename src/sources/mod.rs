@@ -24,6 +24,9 @@ pub struct SourceKey {
     /// The metric label: the kind (`consul`), with `#N` appended when an upstream has several
     /// sources of one kind.
     pub label: String,
+    /// Bumped each time the source is restarted by a config reload, so that a late message
+    /// from a stopped task is recognised and ignored.
+    pub generation: u64,
 }
 
 /// What a source reports.
