@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what upstreamd's build, tests, demo and benchmarks need on Debian 12, if missing.
+# Runs `apt-get update` once, and only when something is missing.
+set -euo pipefail
+pkgs=(nginx etcd-server etcd-client protobuf-compiler libssl-dev pkg-config docker-compose chromium wrk curl)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }

@@ -1,0 +1,441 @@
+//! The reconcile loop: the one stateful task. Sources and probes feed it events; every
+//! wake-up recomputes the whole file from current state, and a changed file is applied after
+//! `settle`, at most once per `min_reload_interval`.
+
+pub mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::decide::Desired;
+use crate::health::{Health, ProbeReport, Prober};
+use crate::metrics::Metrics;
+use crate::nginx::{self, Applied, ApplyError, Nginx};
+use crate::render::{RenderError, Renderer};
+use crate::sources::{self, SourceEvent, SourceKey, SourceUpdate};
+use state::UpstreamState;
+
+/// How many probes may be in flight at once, across every upstream.
+const MAX_CONCURRENT_PROBES: usize = 512;
+
+/// What the loop is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The daemon: run until shutdown.
+    Run,
+    /// One full cycle, then return; with `dry_run` the file is only rendered.
+    Once {
+        /// Render and return the text; write nothing, signal nothing.
+        dry_run: bool,
+        /// Give up when sources and first probes are not in by then.
+        deadline: Duration,
+    },
+}
+
+/// How the loop ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Shutdown was requested.
+    Stopped,
+    /// `once`: the file was applied (or already up to date).
+    Applied,
+    /// `once --dry-run`: the text that would be written.
+    Rendered(String),
+}
+
+/// Why the loop failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// `once` could not gather every source and first probe in time.
+    #[error("gave up after {0:?}: {1}")]
+    NotReady(Duration, String),
+    /// `once` could not apply the file.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The template failed.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
+
+/// The controller and everything it owns.
+pub struct Controller<N: Nginx> {
+    cfg: Config,
+    renderer: Renderer,
+    nginx: N,
+    metrics: Arc<Metrics>,
+    prober: Prober,
+    upstreams: Vec<UpstreamState>,
+    source_tokens: Vec<CancellationToken>,
+    generation: u64,
+    source_tx: mpsc::Sender<SourceUpdate>,
+    source_rx: mpsc::Receiver<SourceUpdate>,
+    probe_rx: mpsc::Receiver<ProbeReport>,
+    shutdown: CancellationToken,
+    /// The latest rendered text (valid when not dirty).
+    rendered: Option<String>,
+    /// Something changed since `rendered` was computed.
+    dirty: bool,
+    /// When the first change not yet applied was seen.
+    pending_since: Option<Instant>,
+    last_reload: Option<Instant>,
+    /// A text that failed to apply: not retried until something changes.
+    rejected: Option<String>,
+    /// What the last applied file said, for logging what changed.
+    applied: Option<Vec<Desired>>,
+    /// Whether the first apply succeeded.
+    ready: bool,
+}
+
+impl<N: Nginx> Controller<N> {
+    /// A controller for `cfg`; it starts sources and probes when run.
+    pub fn new(cfg: Config, renderer: Renderer, nginx: N, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        let (source_tx, source_rx) = mpsc::channel(1024);
+        let (probe_tx, probe_rx) = mpsc::channel(4096);
+        Self {
+            cfg,
+            renderer,
+            nginx,
+            metrics,
+            prober: Prober::new(probe_tx, MAX_CONCURRENT_PROBES),
+            upstreams: Vec::new(),
+            source_tokens: Vec::new(),
+            generation: 0,
+            source_tx,
+            source_rx,
+            probe_rx,
+            shutdown,
+            rendered: None,
+            dirty: true,
+            pending_since: None,
+            last_reload: None,
+            rejected: None,
+            applied: None,
+            ready: false,
+        }
+    }
+
+    fn start_upstream(&mut self, cfg: UpstreamConfig) -> (UpstreamState, CancellationToken) {
+        let labels = sources::labels(&cfg.sources);
+        let token = self.shutdown.child_token();
+        for (index, (scfg, label)) in cfg.sources.iter().zip(&labels).enumerate() {
+            let key = SourceKey { upstream: cfg.name.clone(), index, label: label.clone(), generation: self.generation };
+            self.metrics.set("upstreamd_source_up", &[("upstream", cfg.name.as_str()), ("source", label)], 0.0);
+            sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
+        }
+        (UpstreamState::new(cfg, labels), token)
+    }
+
+    fn start_all(&mut self) {
+        for u in self.cfg.upstreams.clone() {
+            let (state, token) = self.start_upstream(u);
+            self.upstreams.push(state);
+            self.source_tokens.push(token);
+        }
+    }
+
+    /// Runs until shutdown (`Mode::Run`) or one cycle is done (`Mode::Once`). Config reloads
+    /// arrive on `reloads`, already validated.
+    pub async fn run(mut self, mode: Mode, mut reloads: mpsc::Receiver<Config>) -> Result<Outcome, ControllerError> {
+        let started = Instant::now();
+        self.start_all();
+        let mut reloads_open = true;
+        loop {
+            let now = Instant::now();
+            if let Mode::Once { deadline, .. } = mode {
+                if now >= started + deadline {
+                    return Err(ControllerError::NotReady(deadline, self.waiting_for()));
+                }
+            }
+            let wake = self.next_wake(now).unwrap_or(now + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
+                Some(update) = self.source_rx.recv() => self.on_source(update),
+                Some(report) = self.probe_rx.recv() => {
+                    self.on_probe(report);
+                    // Take whatever else is queued before recomputing, so a burst of probe
+                    // results costs one render.
+                    while let Ok(more) = self.probe_rx.try_recv() {
+                        self.on_probe(more);
+                    }
+                }
+                cfg = reloads.recv(), if reloads_open => match cfg {
+                    Some(cfg) => self.reconfigure(cfg)?,
+                    None => reloads_open = false,
+                },
+                _ = sleep_until(wake.into()) => {}
+            }
+            if let Some(done) = self.step(Instant::now(), mode).await? {
+                return Ok(done);
+            }
+        }
+    }
+
+    fn waiting_for(&self) -> String {
+        let mut waiting = Vec::new();
+        for u in &self.upstreams {
+            for s in u.sources.iter().filter(|s| s.snapshot.is_none()) {
+                let why = s.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+                waiting.push(format!("upstream {} source {} has not delivered{why}", u.cfg.name, s.label));
+            }
+        }
+        if waiting.is_empty() {
+            "first probes still pending".into()
+        } else {
+            waiting.join("; ")
+        }
+    }
+
+    fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let probes = self.upstreams.iter().filter_map(|u| u.pending_first_probe(now)).min();
+        let apply = self.pending_since.map(|p| self.apply_at(p));
+        probes.into_iter().chain(apply).min()
+    }
+
+    fn apply_at(&self, pending_since: Instant) -> Instant {
+        let settle = pending_since + self.cfg.nginx.settle;
+        match self.last_reload {
+            Some(last) => settle.max(last + self.cfg.nginx.min_reload_interval),
+            None => settle,
+        }
+    }
+
+    fn upstream_mut(&mut self, key: &SourceKey) -> Option<&mut UpstreamState> {
+        if key.generation != self.generation {
+            return None;
+        }
+        self.upstreams.iter_mut().find(|u| u.cfg.name == key.upstream)
+    }
+
+    fn on_source(&mut self, update: SourceUpdate) {
+        let now = Instant::now();
+        let metrics = Arc::clone(&self.metrics);
+        let SourceUpdate { key, event } = update;
+        let labels = [("upstream", key.upstream.as_str()), ("source", key.label.as_str())];
+        let Some(u) = self.upstream_mut(&key) else { return };
+        match &event {
+            SourceEvent::Snapshot { skipped, .. } => {
+                metrics.inc("upstreamd_source_updates_total", &labels);
+                metrics.set("upstreamd_source_up", &labels, 1.0);
+                if *skipped > 0 {
+                    metrics.add("upstreamd_registry_entries_skipped_total", &labels, *skipped as f64);
+                }
+                if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
+                    tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
+                }
+            }
+            SourceEvent::Failed { error } => {
+                metrics.set("upstreamd_source_up", &labels, 0.0);
+                if u.sources.get(key.index).is_some_and(|s| s.error.is_none()) {
+                    tracing::warn!(upstream = %key.upstream, source = %key.label, %error,
+                        "Source failed; keeping its last snapshot and changing nothing in nginx.");
+                }
+            }
+        }
+        let delta = u.on_source(key.index, event, now);
+        if !delta.changed {
+            return;
+        }
+        if !delta.added.is_empty() || !delta.removed.is_empty() {
+            tracing::info!(
+                upstream = %key.upstream, source = %key.label,
+                added = ?delta.added.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                removed = ?delta.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "Registry membership changed."
+            );
+        }
+        let (name, health, addresses) = (u.cfg.name.clone(), u.cfg.health.clone(), u.addresses());
+        self.prober.sync(&name, &health, &addresses);
+        self.update_gauges();
+        self.dirty = true;
+    }
+
+    fn on_probe(&mut self, r: ProbeReport) {
+        let now = Instant::now();
+        let Some(u) = self.upstreams.iter_mut().find(|u| u.cfg.name == r.upstream) else { return };
+        let name = r.upstream.as_str();
+        self.metrics.inc("upstreamd_probes_total", &[("upstream", name), ("result", r.outcome.label())]);
+        self.metrics.observe("upstreamd_probe_duration_seconds", &[("upstream", name)], r.latency.as_secs_f64());
+        let transition = u.on_probe(&r.address, &r.outcome, r.latency, now);
+        if !u.hinted_404 && u.all_404() {
+            u.hinted_404 = true;
+            tracing::warn!(upstream = name, path = %u.cfg.health.path,
+                "Every endpoint answers 404 on the health path. Kotaemon has no /health: set [upstream.health] path = \"/queue/status\".");
+        }
+        if let Some((t, why)) = transition {
+            let to = match t.to {
+                Health::Up => "healthy",
+                Health::Down => "unhealthy",
+                Health::Unknown => "unknown",
+            };
+            tracing::info!(upstream = name, endpoint = %r.address, from = %t.from, to = %t.to, %why, "Endpoint health changed.");
+            self.metrics.inc("upstreamd_health_transitions_total", &[("upstream", name), ("to", to)]);
+            self.update_gauges();
+            self.dirty = true;
+        }
+    }
+
+    fn update_gauges(&self) {
+        for u in &self.upstreams {
+            for (state, n) in u.counts() {
+                self.metrics.set("upstreamd_endpoints", &[("upstream", u.cfg.name.as_str()), ("state", state)], n as f64);
+            }
+        }
+    }
+
+    fn render(&self) -> Result<(String, Vec<Desired>), RenderError> {
+        let desired: Vec<Desired> = self.upstreams.iter().map(|u| u.desired()).collect();
+        let pairs: Vec<(Desired, _)> =
+            desired.iter().cloned().zip(self.upstreams.iter().map(|u| u.cfg.on_all_unhealthy)).collect();
+        Ok((self.renderer.render(&pairs)?, desired))
+    }
+
+    /// One level-triggered pass: render when something changed, apply when due.
+    async fn step(&mut self, now: Instant, mode: Mode) -> Result<Option<Outcome>, ControllerError> {
+        if !self.upstreams.iter().all(|u| u.sources_ready()) {
+            return Ok(None);
+        }
+        if self.upstreams.iter().any(|u| u.pending_first_probe(now).is_some()) {
+            return Ok(None);
+        }
+        if self.dirty {
+            self.dirty = false;
+            let (text, _) = self.render()?;
+            let on_disk = nginx::read_current(&self.cfg.nginx.output);
+            let changed = on_disk.as_deref() != Some(text.as_bytes());
+            self.metrics.inc("upstreamd_renders_total", &[("result", if changed { "changed" } else { "unchanged" })]);
+            if !changed {
+                self.pending_since = None;
+                self.rejected = None;
+            } else if self.rejected.as_deref() != Some(text.as_str()) {
+                self.pending_since.get_or_insert(now);
+            }
+            self.rendered = Some(text);
+            if !changed && mode == Mode::Run {
+                self.mark_ready();
+            }
+        }
+        match mode {
+            Mode::Once { dry_run: true, .. } => return Ok(self.rendered.take().map(Outcome::Rendered)),
+            Mode::Once { dry_run: false, .. } => {
+                if self.pending_since.is_some() {
+                    self.apply(now).await?;
+                }
+                return Ok(Some(Outcome::Applied));
+            }
+            Mode::Run => {}
+        }
+        if let Some(since) = self.pending_since {
+            if now >= self.apply_at(since) {
+                // A failure is logged, counted and kept for /status; the daemon goes on and
+                // retries on the next change.
+                if let Err(e) = self.apply(now).await {
+                    tracing::error!(error = %e, "Could not apply the new upstream file; the previous one is back in place.");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn mark_ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
+        }
+    }
+
+    async fn apply(&mut self, now: Instant) -> Result<(), ApplyError> {
+        self.pending_since = None;
+        let Some(text) = self.rendered.clone() else { return Ok(()) };
+        let desired = self.upstreams.iter().map(|u| u.desired()).collect::<Vec<_>>();
+        let t0 = Instant::now();
+        match nginx::apply(&self.cfg.nginx.output, text.as_bytes(), &self.nginx).await {
+            Ok(Applied::Unchanged) => {
+                self.mark_ready();
+                Ok(())
+            }
+            Ok(Applied::Reloaded { .. }) => {
+                let took = t0.elapsed();
+                self.last_reload = Some(now);
+                self.metrics.inc("upstreamd_reloads_total", &[("result", "ok")]);
+                self.metrics.observe("upstreamd_reload_duration_seconds", &[], took.as_secs_f64());
+                let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                self.metrics.set("upstreamd_last_reload_success_timestamp_seconds", &[], unix.as_secs_f64());
+                tracing::info!(changes = %describe_changes(self.applied.as_deref(), &desired),
+                    took_ms = took.as_millis() as u64, "Applied the new upstream file and nginx reloaded.");
+                self.applied = Some(desired);
+                self.rejected = None;
+                self.mark_ready();
+                Ok(())
+            }
+            Err(e) => {
+                self.last_reload = Some(now);
+                self.metrics.inc("upstreamd_reloads_total", &[("result", e.result_label())]);
+                self.rejected = Some(text);
+                Err(e)
+            }
+        }
+    }
+
+    fn reconfigure(&mut self, cfg: Config) -> Result<(), ControllerError> {
+        self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
+        self.generation += 1;
+        let old: Vec<UpstreamState> = std::mem::take(&mut self.upstreams);
+        for token in self.source_tokens.drain(..) {
+            token.cancel();
+        }
+        for u in &old {
+            if !cfg.upstreams.iter().any(|n| n.name == u.cfg.name) {
+                self.prober.remove_upstream(&u.cfg.name);
+                for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
+                    self.metrics.forget(family, ("upstream", u.cfg.name.as_str()));
+                }
+            }
+        }
+        self.cfg = cfg;
+        self.start_all();
+        // Keep the health of endpoints that stay, so a reload does not re-probe from Unknown.
+        for u in &mut self.upstreams {
+            if let Some(prev) = old.iter().find(|o| o.cfg.name == u.cfg.name && o.cfg.health == u.cfg.health) {
+                u.health = prev.health.clone();
+                u.hinted_404 = prev.hinted_404;
+            }
+        }
+        self.dirty = true;
+        tracing::info!(upstreams = self.upstreams.len(), "Configuration reloaded.");
+        Ok(())
+    }
+}
+
+/// A one-line summary of what changed between two applied states, for the log.
+pub fn describe_changes(before: Option<&[Desired]>, after: &[Desired]) -> String {
+    let mut parts = Vec::new();
+    for d in after {
+        let old = before.and_then(|b| b.iter().find(|o| o.name == d.name));
+        for s in &d.servers {
+            let prev = old.and_then(|o| o.servers.iter().find(|p| p.address == s.address));
+            match prev {
+                None => parts.push(format!("{}: +{}{}", d.name, s.address, if s.down { " (down)" } else { "" })),
+                Some(p) if p.down != s.down => {
+                    parts.push(format!("{}: {} {}", d.name, s.address, if s.down { "down" } else { "up" }))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(o) = old {
+            for p in o.servers.iter().filter(|p| !d.servers.iter().any(|s| s.address == p.address)) {
+                parts.push(format!("{}: -{}", d.name, p.address));
+            }
+        }
+    }
+    if parts.is_empty() {
+        "attributes only".into()
+    } else {
+        parts.join(", ")
+    }
+}

@@ -1,0 +1,411 @@
+//! The integration-test harness: a private real nginx, stand-in Kotaemon replicas, and the
+//! real `upstreamd` binary, each a child process killed and reaped in `Drop`.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes; returns the elapsed time.
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Output of a child, kept for failure reports and assertions.
+#[derive(Clone, Default)]
+pub struct Output(Arc<Mutex<String>>);
+
+impl Output {
+    fn capture(&self, child: &mut Child, prefix: &str) {
+        for pipe in [child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+                     child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+            let buf = self.0.clone();
+            let prefix = prefix.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if std::env::var_os("UPSTREAMD_TEST_VERBOSE").is_some() {
+                        eprintln!("[{prefix}] {line}");
+                    }
+                    let mut b = buf.lock().unwrap();
+                    b.push_str(&line);
+                    b.push('\n');
+                }
+            });
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn kill_and_reap(child: &mut Child) {
+    // The child may have exited already; both calls are then harmless no-ops with errors we
+    // have no use for.
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+/// A private nginx: its own prefix directory, config, pid file and logs.
+pub struct Nginx {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+}
+
+impl Nginx {
+    /// Starts nginx proxying `127.0.0.1:<port>/` to upstream `upstream`, whose block comes from
+    /// `conf/upstreams.conf` (initially a single `down` placeholder server).
+    pub fn start(upstream: &str) -> Self {
+        Self::start_with(upstream, &format!("location / {{ proxy_pass http://{upstream}; proxy_next_upstream error timeout http_502 http_503; proxy_connect_timeout 1s; proxy_read_timeout 5s; proxy_buffering off; }}"))
+    }
+
+    /// Starts nginx with a custom `location` block text inside the server.
+    pub fn start_with(upstream: &str, locations: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["conf", "logs", "tmp"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let port = free_port();
+        let user = if nix::unistd::geteuid().is_root() { "user root;" } else { "" };
+        let conf = format!(
+            "{user}\nworker_processes 1;\npid logs/nginx.pid;\nerror_log logs/error.log notice;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path tmp/client;\n  proxy_temp_path tmp/proxy;\n  \
+             fastcgi_temp_path tmp/fastcgi;\n  uwsgi_temp_path tmp/uwsgi;\n  scgi_temp_path tmp/scgi;\n  \
+             include upstreams.conf;\n  server {{\n    listen 127.0.0.1:{port};\n    {locations}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("conf/nginx.conf"), conf).unwrap();
+        std::fs::write(
+            dir.path().join("conf/upstreams.conf"),
+            format!("upstream {upstream} {{ server 127.0.0.1:1 down; }}\n"),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .args(["-p", dir.path().to_str().unwrap(), "-c", "conf/nginx.conf", "-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nginx must be installed (apt-get install nginx)");
+        let n = Self { dir, port, child };
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            n.pid().is_some() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        n
+    }
+
+    /// The include file upstreamd owns.
+    pub fn output(&self) -> PathBuf {
+        self.dir.path().join("conf/upstreams.conf")
+    }
+
+    /// The pid file.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("logs/nginx.pid")
+    }
+
+    /// The master's pid, once written.
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+    }
+
+    /// The `test_command` for this nginx, as TOML.
+    pub fn test_command_toml(&self) -> String {
+        format!(r#"["nginx", "-p", "{}", "-c", "conf/nginx.conf", "-t", "-q"]"#, self.dir.path().display())
+    }
+
+    /// The `[nginx]` section pointing at this nginx, with the given extra lines.
+    pub fn nginx_section(&self, extra: &str) -> String {
+        format!(
+            "[nginx]\noutput = \"{}\"\npid_file = \"{}\"\ntest_command = {}\n{extra}\n",
+            self.output().display(),
+            self.pid_file().display(),
+            self.test_command_toml()
+        )
+    }
+
+    /// How many reloads nginx has logged.
+    pub fn reloads(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("logs/error.log"))
+            .unwrap_or_default()
+            .matches("signal 1 (SIGHUP) received")
+            .count()
+    }
+
+    /// The error log.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs/error.log")).unwrap_or_default()
+    }
+
+    /// Runs `nginx -t` against the current files.
+    pub fn test_config(&self) -> std::process::Output {
+        Command::new("nginx")
+            .args(["-p", self.dir.path().to_str().unwrap(), "-c", "conf/nginx.conf", "-t", "-q"])
+            .output()
+            .unwrap()
+    }
+
+    /// The rendered include file.
+    pub fn rendered(&self) -> String {
+        std::fs::read_to_string(self.output()).unwrap_or_default()
+    }
+
+    /// GET `path` through nginx on a fresh connection: (status, body), or None on a transport error.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&format!("127.0.0.1:{}", self.port), path, Duration::from_secs(5))
+    }
+
+    /// Sends `n` requests for `/` and counts answers per replica name (the stand-in's `GET /`
+    /// names its replica); failures count under "error".
+    pub fn spread(&self, n: usize) -> std::collections::BTreeMap<String, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let key = match self.get("/") {
+                Some((200, body)) => body.split_whitespace().last().unwrap_or("").to_owned(),
+                Some((status, _)) => format!("status {status}"),
+                None => "error".to_owned(),
+            };
+            *seen.entry(key).or_insert(0) += 1;
+        }
+        seen
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+        // Workers are killed with their master gone? Not always: find them by parent and kill too.
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            let master = self.child.id().to_string();
+            for e in entries.flatten() {
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                    if rest.split_whitespace().nth(1) == Some(master.as_str()) {
+                        if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET on a new connection (so nginx balances each request anew).
+pub fn http_get(authority: &str, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(authority).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A stand-in Kotaemon replica.
+pub struct Replica {
+    pub name: String,
+    pub addr: String,
+    pub control: PathBuf,
+    pub output: Output,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    /// Starts a replica named `name` on `127.0.0.1:<free port>` and waits until it answers.
+    pub fn start(name: &str) -> Self {
+        Self::start_on(name, &format!("127.0.0.1:{}", free_port()), &[])
+    }
+
+    /// Starts a replica on `addr` with extra arguments, waiting until it answers.
+    pub fn start_on(name: &str, addr: &str, extra: &[&str]) -> Self {
+        let r = Self::spawn(name, addr, extra);
+        wait_for("the replica to listen", Duration::from_secs(10), || {
+            http_get(&r.addr, "/queue/status", Duration::from_secs(1)).is_some()
+        });
+        r
+    }
+
+    /// Starts a replica without waiting for it.
+    pub fn spawn(name: &str, addr: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("mode");
+        std::fs::write(&control, "healthy").unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kotaemon-standin"))
+            .args(["--listen", addr, "--name", name, "--control-file", control.to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Output::default();
+        output.capture(&mut child, name);
+        Self { name: name.to_owned(), addr: addr.to_owned(), control, output, child, _dir: dir }
+    }
+
+    /// Switches the failure mode (`healthy`, `error`, `hang`, `slow:<ms>`) via the control file.
+    pub fn set_mode(&self, mode: &str) {
+        std::fs::write(&self.control, mode).unwrap();
+    }
+
+    /// Kills the replica abruptly.
+    pub fn kill(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// A running `upstreamd`.
+pub struct Daemon {
+    pub config: PathBuf,
+    pub output: Output,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs `upstreamd ARGS` to completion: (exit code, stdout, stderr).
+pub fn upstreamd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_upstreamd")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to a config file in a new temp dir: (dir, path).
+pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upstreamd.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+impl Daemon {
+    /// Starts `upstreamd run` on this config text.
+    pub fn start(config: &str) -> Self {
+        let (dir, path) = write_config(config);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upstreamd"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "upstreamd=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Output::default();
+        output.capture(&mut child, "upstreamd");
+        Self { config: path, output, child, _dir: dir }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the daemon to exit: its exit code, or None if it did not within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("---- upstreamd config ({}):\n{}", self.config.display(),
+                std::fs::read_to_string(&self.config).unwrap_or_default());
+            eprintln!("---- upstreamd output:\n{}", self.output.text());
+        }
+    }
+}
+
+/// Prints nginx's state when a test fails.
+pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
+    struct Report<'a>(&'a Nginx);
+    impl Drop for Report<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("---- rendered {}:\n{}", self.0.output().display(), self.0.rendered());
+                eprintln!("---- nginx error.log:\n{}", self.0.error_log());
+            }
+        }
+    }
+    Report(nginx)
+}
+
+/// A static-source config for one upstream over `replicas`, probing `/queue/status` fast.
+pub fn static_config(nginx: &Nginx, upstream: &str, replicas: &[&Replica], extra_nginx: &str, extra_upstream: &str) -> String {
+    let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
+    format!(
+        "{}\n[[upstream]]\nname = \"{upstream}\"\n{extra_upstream}\n\n[upstream.health]\npath = \"/queue/status\"\n\
+         interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\n[[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
+        nginx.nginx_section(&format!("settle = \"50ms\"\nmin_reload_interval = \"100ms\"\n{extra_nginx}")),
+        servers.join(", ")
+    )
+}
+
+/// Whether `path` exists.
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
