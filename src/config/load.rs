@@ -1,8 +1,20 @@
 //! Parsing TOML into a validated `Config`, collecting every error with its key path.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
-use super::Config;
+use toml::Value;
+
+use super::reader::{
+    boolean, choice, describe, duration, duration_at_least, f64_in, non_empty, path, string,
+    u32_in, Problems, Section,
+};
+use super::sources::source;
+use super::{
+    AdminConfig, AllUnhealthy, Balance, Config, HealthConfig, NginxConfig, UpstreamConfig,
+};
+use crate::model::UpstreamName;
 
 /// One problem in a config file, at a key path such as `upstream[0].health.rise`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,15 +30,393 @@ pub struct ConfigError {
 #[error("{}", .0.iter().map(|e| if e.path.is_empty() { e.message.clone() } else { format!("{}: {}", e.path, e.message) }).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-/// Parses config text; `env` looks up environment variables (`CONSUL_HTTP_ADDR`, …).
-pub fn parse(_text: &str, _env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-    Err(ConfigErrors(vec![ConfigError { path: String::new(), message: "config parsing is being written".into() }]))
+/// Parses config text; `env` looks up environment variables (`CONSUL_HTTP_ADDR`,
+/// `CONSUL_HTTP_TOKEN`). Files named by `token_file` and `password_file` are read here.
+///
+/// Either every value is valid, or every problem in the file is returned, in file-walk order.
+pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![syntax_error(text, &e)]))?;
+    let mut problems = Problems::default();
+    let p = &mut problems;
+    let mut root = Section::root(&table);
+
+    let nginx = nginx(root.section("nginx", p), p);
+    let admin = admin(root.section("admin", p), p);
+    let upstreams = upstreams(&mut root, env, p);
+    root.finish(p);
+
+    let config = match (nginx, upstreams) {
+        (Some(nginx), Some(upstreams)) => Some(Config {
+            nginx,
+            admin,
+            upstreams,
+        }),
+        _ => None,
+    };
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => {
+            let mut list = problems.into_vec();
+            if list.is_empty() {
+                // Every `None` above comes with a recorded problem; this is a safety net.
+                list.push(ConfigError {
+                    path: String::new(),
+                    message: "the configuration is incomplete (an unreported problem: please report this bug)".into(),
+                });
+            }
+            Err(ConfigErrors(list))
+        }
+    }
 }
 
 /// Reads and parses a config file, with the process environment.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError { path: String::new(), message: format!("failed to read `{}`: {e}", path.display()) }])
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("failed to read `{}`: {e}", path.display()),
+        }])
     })?;
     parse(&text, &|k| std::env::var(k).ok())
 }
+
+/// One line: `TOML syntax error at line L, column C: …`.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let what = e.message().trim().replace('\n', "; ");
+    let message = match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = before
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&before[line_start..])
+                .chars()
+                .count()
+                + 1;
+            format!("TOML syntax error at line {line}, column {column}: {what}")
+        }
+        None => format!("TOML syntax error: {what}"),
+    };
+    ConfigError {
+        path: String::new(),
+        message,
+    }
+}
+
+const BALANCES: &[(&str, Balance)] = &[
+    ("round_robin", Balance::RoundRobin),
+    ("least_conn", Balance::LeastConn),
+    ("ip_hash", Balance::IpHash),
+    ("hash", Balance::Hash),
+    ("random", Balance::Random),
+    ("sticky", Balance::Sticky),
+];
+
+const ALL_UNHEALTHY: &[(&str, AllUnhealthy)] = &[
+    ("fail_open", AllUnhealthy::FailOpen),
+    ("fail_closed", AllUnhealthy::FailClosed),
+];
+
+pub(super) fn balance_name(b: Balance) -> &'static str {
+    BALANCES
+        .iter()
+        .find(|(_, x)| *x == b)
+        .map_or("?", |(name, _)| name)
+}
+
+fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
+    let output = s.require("output", p, path);
+    let pid_file = s
+        .get("pid_file", p, path)
+        .unwrap_or_else(|| "/run/nginx.pid".into());
+    let test_command = s
+        .list("test_command", p, non_empty)
+        .unwrap_or_else(|| vec!["nginx".into(), "-t".into(), "-q".into()]);
+    let reload_command = s.list("reload_command", p, non_empty).unwrap_or_default();
+    let template = s.get("template", p, path);
+    let settle = s
+        .get("settle", p, duration)
+        .unwrap_or(Duration::from_millis(250));
+    let min_reload_interval = s
+        .get("min_reload_interval", p, duration)
+        .unwrap_or(Duration::from_secs(2));
+    let confirm_timeout = s
+        .get(
+            "confirm_timeout",
+            p,
+            duration_at_least(Duration::from_millis(1)),
+        )
+        .unwrap_or(Duration::from_secs(5));
+    let state_dir = s.get("state_dir", p, path);
+    s.finish(p);
+    Some(NginxConfig {
+        output: output?,
+        pid_file,
+        test_command,
+        reload_command,
+        template,
+        settle,
+        min_reload_interval,
+        confirm_timeout,
+        state_dir,
+    })
+}
+
+fn admin(mut s: Section<'_>, p: &mut Problems) -> AdminConfig {
+    let listen = s.get("listen", p, |v| {
+        let text = string(v)?;
+        text.parse().map_err(|_| {
+            format!("{text:?} is not an IP address and port such as \"127.0.0.1:9187\"")
+        })
+    });
+    s.finish(p);
+    AdminConfig { listen }
+}
+
+fn upstreams(
+    root: &mut Section<'_>,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<Vec<UpstreamConfig>> {
+    let present = root.has("upstream");
+    let sections = root.sections("upstream", p);
+    if !present || sections.as_ref().is_some_and(Vec::is_empty) {
+        p.add("upstream", "at least one `[[upstream]]` is required");
+    }
+    let mut names = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut complete = sections.is_some();
+    for s in sections.unwrap_or_default() {
+        match upstream(s, &mut names, env, p) {
+            Some(u) => out.push(u),
+            None => complete = false,
+        }
+    }
+    complete.then_some(out)
+}
+
+/// One `[[upstream]]`; `names` maps the names seen so far to where they were first used.
+fn upstream(
+    mut s: Section<'_>,
+    names: &mut BTreeMap<UpstreamName, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+    p: &mut Problems,
+) -> Option<UpstreamConfig> {
+    let name = s.require("name", p, |v| {
+        UpstreamName::new(&string(v)?).map_err(|e| e.to_string())
+    });
+    if let Some(name) = &name {
+        match names.get(name) {
+            Some(first) => p.add(
+                &s.key_path("name"),
+                format!("upstream name \"{name}\" is already used by {first}"),
+            ),
+            None => {
+                names.insert(name.clone(), s.path().to_owned());
+            }
+        }
+    }
+    let balance = s.get_or("balance", p, Balance::RoundRobin, choice(BALANCES));
+
+    let hash_key = s.get("hash_key", p, hash_key);
+    match balance {
+        Some(Balance::Hash) if !s.has("hash_key") => p.add(
+            &s.key_path("hash_key"),
+            "required with balance = \"hash\" (an nginx variable such as \"$cookie_session\" or \"$request_uri\")",
+        ),
+        Some(b) if b != Balance::Hash && s.has("hash_key") => p.add(
+            &s.key_path("hash_key"),
+            format!("is only used with balance = \"hash\" (balance is \"{}\")", balance_name(b)),
+        ),
+        _ => {}
+    }
+    let affinity_cookie = s.get("affinity_cookie", p, |v| {
+        let c = string(v)?;
+        if c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("cookie name {c:?} must match [A-Za-z0-9_]+"));
+        }
+        Ok(c)
+    });
+    if let Some(b) = balance.filter(|b| *b != Balance::Sticky && s.has("affinity_cookie")) {
+        p.add(
+            &s.key_path("affinity_cookie"),
+            format!(
+                "is only used with balance = \"sticky\" (balance is \"{}\")",
+                balance_name(b)
+            ),
+        );
+    }
+
+    let keepalive = s.get("keepalive", p, u32_in(0, 10_000)).unwrap_or(32);
+    let on_all_unhealthy = s
+        .get("on_all_unhealthy", p, choice(ALL_UNHEALTHY))
+        .unwrap_or(AllUnhealthy::FailOpen);
+    let max_shrink = s.get("max_shrink", p, f64_in(0.0, 1.0)).unwrap_or(0.5);
+    let shrink_hold = s
+        .get("shrink_hold", p, duration)
+        .unwrap_or(Duration::from_secs(30));
+    let health = health(s.section("health", p), p);
+
+    let present = s.has("source");
+    let sections = s.sections("source", p);
+    if !present || sections.as_ref().is_some_and(Vec::is_empty) {
+        p.add(
+            &s.key_path("source"),
+            "at least one `[[upstream.source]]` is required",
+        );
+    }
+    let mut sources = Vec::new();
+    let mut complete = sections.is_some();
+    for source_section in sections.unwrap_or_default() {
+        match source(source_section, balance, env, p) {
+            Some(src) => sources.push(src),
+            None => complete = false,
+        }
+    }
+    s.finish(p);
+
+    Some(UpstreamConfig {
+        name: name?,
+        balance: balance?,
+        hash_key,
+        affinity_cookie: affinity_cookie.unwrap_or_else(|| "upstreamd_affinity".into()),
+        keepalive,
+        on_all_unhealthy,
+        max_shrink,
+        shrink_hold,
+        health,
+        sources: complete.then_some(sources)?,
+    })
+}
+
+/// `hash KEY consistent;`: a variable expression, never anything that could end the directive.
+fn hash_key(v: &Value) -> Result<String, String> {
+    let k = non_empty(v)?;
+    if !k
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'$' | b'_' | b'-' | b'.' | b':'))
+    {
+        return Err(format!(
+            "{k:?} may only contain `$`, letters, digits, `_`, `-`, `.` and `:`"
+        ));
+    }
+    Ok(k)
+}
+
+fn health(mut s: Section<'_>, p: &mut Problems) -> HealthConfig {
+    let enabled = s.get("enabled", p, boolean).unwrap_or(true);
+    let path = s
+        .get("path", p, probe_path)
+        .unwrap_or_else(|| "/health".into());
+    let expect_status = s
+        .get("expect_status", p, status_range)
+        .unwrap_or((200, 399));
+    let expect_body = s.get("expect_body", p, non_empty);
+    let host = s.get("host", p, |v| {
+        let h = non_empty(v)?;
+        if !h.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']' | b'_')
+        }) {
+            return Err(format!("{h:?} is not a host name (with an optional :port)"));
+        }
+        Ok(h)
+    });
+    let default_interval = Duration::from_secs(2);
+    let default_timeout = Duration::from_secs(1);
+    let interval = s.get_or(
+        "interval",
+        p,
+        default_interval,
+        duration_at_least(Duration::from_millis(10)),
+    );
+    let timeout = s.get_or(
+        "timeout",
+        p,
+        default_timeout,
+        duration_at_least(Duration::from_millis(1)),
+    );
+    if let (Some(interval), Some(timeout)) = (interval, timeout) {
+        if timeout > interval {
+            let default = if s.has("timeout") {
+                ""
+            } else {
+                ", the default"
+            };
+            p.add(
+                &s.key_path("timeout"),
+                format!(
+                    "timeout ({}{default}) must not be longer than interval ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            );
+        }
+    }
+    let rise = s.get("rise", p, u32_in(1, 100)).unwrap_or(2);
+    let fall = s.get("fall", p, u32_in(1, 100)).unwrap_or(3);
+    s.finish(p);
+    HealthConfig {
+        enabled,
+        path,
+        expect_status,
+        expect_body,
+        host,
+        interval: interval.unwrap_or(default_interval),
+        timeout: timeout.unwrap_or(default_timeout),
+        rise,
+        fall,
+    }
+}
+
+/// The probe's request target: it goes into the request line as is.
+fn probe_path(v: &Value) -> Result<String, String> {
+    let path = string(v)?;
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with `/`"));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '"' | '\'' | ';' | '{' | '}'))
+    {
+        return Err(format!(
+            "{path:?} must not contain {c:?} (percent-encode it)"
+        ));
+    }
+    Ok(path)
+}
+
+/// `"200-399"` or `"200"` (or a bare 200).
+fn status_range(v: &Value) -> Result<(u16, u16), String> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Integer(i) => i.to_string(),
+        other => {
+            return Err(format!(
+                "expected a status range such as \"200-399\" or \"200\", found {}",
+                describe(other)
+            ))
+        }
+    };
+    let code = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+    };
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (code(lo), code(hi)),
+        None => (code(&text), code(&text)),
+    };
+    match (lo, hi) {
+        (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+        _ => Err(format!(
+            "{text:?} is not a status range such as \"200-399\" or \"200\" (codes from 100 to 599, low before high)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

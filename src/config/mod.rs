@@ -4,6 +4,8 @@
 //! `Config` that exists is a valid one.
 
 mod load;
+mod reader;
+mod sources;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,7 +80,10 @@ pub enum Balance {
 impl Balance {
     /// Whether nginx refuses `backup` servers with this method.
     pub fn forbids_backup(self) -> bool {
-        matches!(self, Balance::IpHash | Balance::Hash | Balance::Random | Balance::Sticky)
+        matches!(
+            self,
+            Balance::IpHash | Balance::Hash | Balance::Random | Balance::Sticky
+        )
     }
 }
 
@@ -178,14 +183,16 @@ impl SourceConfig {
 /// `kind = "static"`: a fixed list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaticSource {
-    /// `servers`: `"host:port"` strings or tables with `address` and server attributes.
+    /// `servers`: `"host:port"` strings or tables with `address` and server attributes; at
+    /// least one, no address twice. Each endpoint's origin is its place, `servers[1]`.
     pub servers: Vec<Endpoint>,
 }
 
 /// `kind = "consul"`: a service followed with blocking queries on `/v1/health/service`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsulSource {
-    /// `url`: default `$CONSUL_HTTP_ADDR`, then `http://127.0.0.1:8500`.
+    /// `url`: an `http://` or `https://` base URL, stored without a trailing `/`; default
+    /// `$CONSUL_HTTP_ADDR` (`http://` added when it has no scheme), then `http://127.0.0.1:8500`.
     pub url: String,
     /// `service`: the service name (required).
     pub service: String,
@@ -193,7 +200,7 @@ pub struct ConsulSource {
     pub tags: Vec<String>,
     /// `datacenter`: default the agent's.
     pub datacenter: Option<String>,
-    /// `wait`: the blocking-query wait; default 60s.
+    /// `wait`: the blocking-query wait, 1s to 10m (Consul's cap); default 60s.
     pub wait: Duration,
     /// The ACL token: `token_file`, else `$CONSUL_HTTP_TOKEN`; sent as `X-Consul-Token`.
     pub token: Option<Secret>,
@@ -204,7 +211,7 @@ pub struct ConsulSource {
 /// `kind = "etcd"`: every key under a prefix, listed then watched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EtcdSource {
-    /// `endpoints`: default `["http://127.0.0.1:2379"]`.
+    /// `endpoints`: `http://` or `https://` URLs, at least one; default `["http://127.0.0.1:2379"]`.
     pub endpoints: Vec<String>,
     /// `prefix`: the key prefix (required, not empty).
     pub prefix: String,
