@@ -68,7 +68,9 @@ impl Desired {
 }
 
 /// Merges the snapshots of an upstream's sources: the first source that names an address wins.
-pub fn merge<'a>(snapshots: impl IntoIterator<Item = &'a [Endpoint]>) -> BTreeMap<Address, Endpoint> {
+pub fn merge<'a>(
+    snapshots: impl IntoIterator<Item = &'a [Endpoint]>,
+) -> BTreeMap<Address, Endpoint> {
     let mut merged = BTreeMap::new();
     for snapshot in snapshots {
         for e in snapshot {
@@ -106,14 +108,25 @@ pub fn decide(
             } else {
                 Verdict::Up
             };
-            Server { address: e.address.clone(), attrs, down: verdict != Verdict::Up, verdict }
+            Server {
+                address: e.address.clone(),
+                attrs,
+                down: verdict != Verdict::Up,
+                verdict,
+            }
         })
         .collect();
 
-    let candidates = servers.iter().filter(|s| s.verdict != Verdict::RegistryDown).count();
+    let candidates = servers
+        .iter()
+        .filter(|s| s.verdict != Verdict::RegistryDown)
+        .count();
     let all_unhealthy = candidates > 0 && servers.iter().all(|s| s.verdict != Verdict::Up);
     if all_unhealthy && cfg.on_all_unhealthy == AllUnhealthy::FailOpen {
-        for s in servers.iter_mut().filter(|s| s.verdict == Verdict::ProbeDown) {
+        for s in servers
+            .iter_mut()
+            .filter(|s| s.verdict == Verdict::ProbeDown)
+        {
             s.verdict = Verdict::FailOpen;
             s.down = false;
         }
@@ -171,14 +184,23 @@ pub(crate) mod tests {
     }
 
     fn verdicts(d: &Desired) -> Vec<(String, bool, Verdict)> {
-        d.servers.iter().map(|s| (s.address.to_string(), s.down, s.verdict)).collect()
+        d.servers
+            .iter()
+            .map(|s| (s.address.to_string(), s.down, s.verdict))
+            .collect()
     }
 
     #[test]
     fn unhealthy_endpoints_render_down_and_stay_in_the_upstream() {
         let cfg = upstream("k", Balance::Sticky);
         let eps = endpoints(&[ep("127.0.0.3:80"), ep("127.0.0.2:80")]);
-        let d = decide(&cfg, &eps, |a| if a.to_string() == "127.0.0.3:80" { Health::Down } else { Health::Up });
+        let d = decide(&cfg, &eps, |a| {
+            if a.to_string() == "127.0.0.3:80" {
+                Health::Down
+            } else {
+                Health::Up
+            }
+        });
         assert_eq!(
             verdicts(&d),
             vec![
@@ -196,9 +218,17 @@ pub(crate) mod tests {
         e.registry = RegistryState::Critical("maintenance".into());
         let mut f = ep("127.0.0.3:80");
         f.attrs.down = true;
-        let d = decide(&cfg, &endpoints(&[e, f, ep("127.0.0.4:80")]), |_| Health::Up);
-        assert_eq!(d.servers.iter().map(|s| s.down).collect::<Vec<_>>(), vec![true, true, false]);
-        assert!(d.servers.iter().all(|s| !s.attrs.down), "down is carried by Server::down only");
+        let d = decide(&cfg, &endpoints(&[e, f, ep("127.0.0.4:80")]), |_| {
+            Health::Up
+        });
+        assert_eq!(
+            d.servers.iter().map(|s| s.down).collect::<Vec<_>>(),
+            vec![true, true, false]
+        );
+        assert!(
+            d.servers.iter().all(|s| !s.attrs.down),
+            "down is carried by Server::down only"
+        );
     }
 
     #[test]
@@ -207,7 +237,10 @@ pub(crate) mod tests {
         let eps = endpoints(&[ep("127.0.0.2:80"), ep("127.0.0.3:80")]);
         let open = decide(&cfg, &eps, |_| Health::Down);
         assert!(open.all_unhealthy);
-        assert!(open.servers.iter().all(|s| !s.down && s.verdict == Verdict::FailOpen));
+        assert!(open
+            .servers
+            .iter()
+            .all(|s| !s.down && s.verdict == Verdict::FailOpen));
         cfg.on_all_unhealthy = AllUnhealthy::FailClosed;
         let closed = decide(&cfg, &eps, |_| Health::Down);
         assert!(closed.servers.iter().all(|s| s.down));
@@ -218,14 +251,20 @@ pub(crate) mod tests {
         let cfg = upstream("k", Balance::RoundRobin);
         let mut crit = ep("127.0.0.2:80");
         crit.registry = RegistryState::Critical("serfHealth".into());
-        let d = decide(&cfg, &endpoints(&[crit, ep("127.0.0.3:80")]), |_| Health::Down);
+        let d = decide(&cfg, &endpoints(&[crit, ep("127.0.0.3:80")]), |_| {
+            Health::Down
+        });
         assert_eq!(verdicts(&d)[0].2, Verdict::RegistryDown);
         assert_eq!(verdicts(&d)[1].2, Verdict::FailOpen);
     }
 
     #[test]
     fn nothing_registered_asks_for_a_placeholder() {
-        let d = decide(&upstream("k", Balance::RoundRobin), &BTreeMap::new(), |_| Health::Up);
+        let d = decide(
+            &upstream("k", Balance::RoundRobin),
+            &BTreeMap::new(),
+            |_| Health::Up,
+        );
         assert!(d.placeholder && d.servers.is_empty() && !d.all_unhealthy);
     }
 
@@ -239,13 +278,17 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_health_is_not_up() {
-        let d = decide(&upstream("k", Balance::RoundRobin), &endpoints(&[ep("127.0.0.2:80"), ep("127.0.0.3:80")]), |a| {
-            if a.port == 80 && a.to_string().ends_with("2:80") {
-                Health::Unknown
-            } else {
-                Health::Up
-            }
-        });
+        let d = decide(
+            &upstream("k", Balance::RoundRobin),
+            &endpoints(&[ep("127.0.0.2:80"), ep("127.0.0.3:80")]),
+            |a| {
+                if a.port == 80 && a.to_string().ends_with("2:80") {
+                    Health::Unknown
+                } else {
+                    Health::Up
+                }
+            },
+        );
         assert_eq!(d.up_count(), 1);
     }
 
@@ -265,7 +308,10 @@ pub(crate) mod tests {
     fn the_first_source_naming_an_address_wins() {
         let mut a = ep("127.0.0.2:80");
         a.attrs.weight = Some(5);
-        let merged = merge([std::slice::from_ref(&a), &[ep("127.0.0.2:80"), ep("127.0.0.1:80")][..]]);
+        let merged = merge([
+            std::slice::from_ref(&a),
+            &[ep("127.0.0.2:80"), ep("127.0.0.1:80")][..],
+        ]);
         assert_eq!(merged.len(), 2);
         assert_eq!(merged.values().nth(1).unwrap().attrs.weight, Some(5));
     }

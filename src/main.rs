@@ -74,14 +74,19 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 
 /// Loads and fully validates a config: the file and its template.
 fn load(path: &Path) -> Result<(Config, Renderer), String> {
     let cfg = config::load_file(path).map_err(|e| e.to_string())?;
-    let renderer = Renderer::new(cfg.nginx.template.as_deref()).map_err(|e| format!("nginx.template: {e}"))?;
+    let renderer =
+        Renderer::new(cfg.nginx.template.as_deref()).map_err(|e| format!("nginx.template: {e}"))?;
     Ok((cfg, renderer))
 }
 
@@ -98,7 +103,11 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => match load_or_exit(&config) {
             Ok((cfg, _)) => {
-                println!("{}: ok ({} upstreams)", config.display(), cfg.upstreams.len());
+                println!(
+                    "{}: ok ({} upstreams)",
+                    config.display(),
+                    cfg.upstreams.len()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(code) => Ok(code),
@@ -123,14 +132,35 @@ async fn main() -> ExitCode {
         ExitCode::FAILURE
     });
     // Leave at once: background tasks (probes, blocking DNS lookups) must not hold the exit.
-    std::process::exit(if code == ExitCode::SUCCESS { 0 } else if code == ExitCode::from(EXIT_CONFIG) { 2 } else { 1 });
+    std::process::exit(if code == ExitCode::SUCCESS {
+        0
+    } else if code == ExitCode::from(EXIT_CONFIG) {
+        2
+    } else {
+        1
+    });
 }
 
 async fn once(cfg: Config, renderer: Renderer, dry_run: bool) -> anyhow::Result<ExitCode> {
     let nginx = SystemNginx::new(&cfg.nginx);
-    let controller = Controller::new(cfg, renderer, nginx, Arc::new(Metrics::new()), CancellationToken::new());
+    let controller = Controller::new(
+        cfg,
+        renderer,
+        nginx,
+        Arc::new(Metrics::new()),
+        CancellationToken::new(),
+    );
     let (_keep, reloads) = mpsc::channel(1);
-    match controller.run(Mode::Once { dry_run, deadline: ONCE_DEADLINE }, reloads).await? {
+    match controller
+        .run(
+            Mode::Once {
+                dry_run,
+                deadline: ONCE_DEADLINE,
+            },
+            reloads,
+        )
+        .await?
+    {
         Outcome::Rendered(text) => print!("{text}"),
         Outcome::Applied | Outcome::Stopped => {}
     }

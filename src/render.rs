@@ -74,8 +74,10 @@ impl Renderer {
     /// Compiles the template at `path`, or the built-in one.
     pub fn new(path: Option<&Path>) -> Result<Self, RenderError> {
         let source = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| RenderError::Read { path: p.display().to_string(), source })?,
+            Some(p) => std::fs::read_to_string(p).map_err(|source| RenderError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
             None => BUILTIN_TEMPLATE.to_owned(),
         };
         Self::from_source(source)
@@ -122,7 +124,9 @@ impl Renderer {
             })
             .collect();
         let tmpl = self.env.get_template(TEMPLATE_NAME)?;
-        Ok(tmpl.render(minijinja::context! { upstreams => ctx, version => env!("CARGO_PKG_VERSION") })?)
+        Ok(tmpl.render(
+            minijinja::context! { upstreams => ctx, version => env!("CARGO_PKG_VERSION") },
+        )?)
     }
 }
 
@@ -136,7 +140,10 @@ mod tests {
     fn render_one(balance: Balance, eps: &[crate::model::Endpoint], health: Health) -> String {
         let cfg = upstream("kotaemon", balance);
         let d = decide(&cfg, &merge([eps]), |_| health);
-        Renderer::new(None).unwrap().render(&[(d, cfg.on_all_unhealthy)]).unwrap()
+        Renderer::new(None)
+            .unwrap()
+            .render(&[(d, cfg.on_all_unhealthy)])
+            .unwrap()
     }
 
     #[test]
@@ -179,8 +186,16 @@ mod tests {
 
     #[test]
     fn equal_membership_renders_equal_bytes_whatever_the_input_order() {
-        let one = render_one(Balance::RoundRobin, &[ep("127.0.0.2:1"), ep("127.0.0.9:1")], Health::Up);
-        let two = render_one(Balance::RoundRobin, &[ep("127.0.0.9:1"), ep("127.0.0.2:1")], Health::Up);
+        let one = render_one(
+            Balance::RoundRobin,
+            &[ep("127.0.0.2:1"), ep("127.0.0.9:1")],
+            Health::Up,
+        );
+        let two = render_one(
+            Balance::RoundRobin,
+            &[ep("127.0.0.9:1"), ep("127.0.0.2:1")],
+            Health::Up,
+        );
         assert_eq!(one, two);
     }
 
@@ -188,7 +203,10 @@ mod tests {
     fn unhealthy_servers_render_down() {
         let text = render_one(Balance::RoundRobin, &[ep("127.0.0.2:1")], Health::Down);
         // One endpoint, all unhealthy: fail_open renders it up, with a comment.
-        assert!(text.contains("on_all_unhealthy = fail_open") && text.contains("    server 127.0.0.2:1;\n"));
+        assert!(
+            text.contains("on_all_unhealthy = fail_open")
+                && text.contains("    server 127.0.0.2:1;\n")
+        );
     }
 
     #[test]

@@ -11,18 +11,36 @@ use nix::sys::signal::Signal;
 const SHORT: Duration = Duration::from_secs(10);
 
 fn server_line(r: &Replica, down: bool) -> String {
-    format!("    server {}{};\n", r.addr, if down { " down" } else { "" })
+    format!(
+        "    server {}{};\n",
+        r.addr,
+        if down { " down" } else { "" }
+    )
 }
 
 #[test]
 fn serves_only_healthy_replicas_and_reloads_once_per_change() {
-    let replicas = [Replica::start("alpha"), Replica::start("bravo"), Replica::start("charlie")];
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    );
     let daemon = Daemon::start(&cfg);
 
-    wait_for("the first render", SHORT, || replicas.iter().all(|r| nginx.rendered().contains(&server_line(r, false))));
+    wait_for("the first render", SHORT, || {
+        replicas
+            .iter()
+            .all(|r| nginx.rendered().contains(&server_line(r, false)))
+    });
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     let spread = nginx.spread(30);
     assert_eq!(spread.len(), 3, "all three replicas serve: {spread:?}");
@@ -30,16 +48,25 @@ fn serves_only_healthy_replicas_and_reloads_once_per_change() {
     // bravo fails its health path: it must be marked down and get no traffic.
     let failed_at = Instant::now();
     replicas[1].set_mode("error");
-    wait_for("bravo marked down", SHORT, || nginx.rendered().contains(&server_line(&replicas[1], true)));
+    wait_for("bravo marked down", SHORT, || {
+        nginx.rendered().contains(&server_line(&replicas[1], true))
+    });
     let marked = failed_at.elapsed();
     wait_for("two reloads", SHORT, || nginx.reloads() == 2);
     let spread = nginx.spread(30);
     assert_eq!(spread.get("bravo"), None, "{spread:?}");
-    assert_eq!(spread.values().sum::<usize>(), spread.get("alpha").unwrap_or(&0) + spread.get("charlie").unwrap_or(&0));
-    eprintln!("figure: bravo failing → nginx serving without it: {marked:?} (interval 200ms, fall 2)");
+    assert_eq!(
+        spread.values().sum::<usize>(),
+        spread.get("alpha").unwrap_or(&0) + spread.get("charlie").unwrap_or(&0)
+    );
+    eprintln!(
+        "figure: bravo failing → nginx serving without it: {marked:?} (interval 200ms, fall 2)"
+    );
 
     replicas[1].set_mode("healthy");
-    wait_for("bravo back up", SHORT, || nginx.rendered().contains(&server_line(&replicas[1], false)));
+    wait_for("bravo back up", SHORT, || {
+        nginx.rendered().contains(&server_line(&replicas[1], false))
+    });
     wait_for("three reloads", SHORT, || nginx.reloads() == 3);
 
     // Quiet world: no more reloads while probes keep running.
@@ -53,8 +80,14 @@ fn a_single_failed_probe_below_fall_reloads_nothing() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "")
-        .replace("fall = 2", "fall = 6");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    )
+    .replace("fall = 2", "fall = 6");
     let daemon = Daemon::start(&cfg);
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     // Two or three failed probes at most, far below fall = 6.
@@ -64,7 +97,11 @@ fn a_single_failed_probe_below_fall_reloads_nothing() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(nginx.reloads(), 1);
     assert!(!nginx.rendered().contains(" down;"));
-    assert!(!daemon.output.text().contains("to=down"), "no endpoint went down:\n{}", daemon.output.text());
+    assert!(
+        !daemon.output.text().contains("to=down"),
+        "no endpoint went down:\n{}",
+        daemon.output.text()
+    );
 }
 
 #[test]
@@ -72,22 +109,47 @@ fn a_restart_over_an_unchanged_world_reloads_nothing_and_sigterm_leaves_the_file
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    );
     let mut first = Daemon::start(&cfg);
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
-    wait_for("ready", SHORT, || first.output.text().contains("Upstream file is up to date."));
+    wait_for("ready", SHORT, || {
+        first.output.text().contains("Upstream file is up to date.")
+    });
     let before = std::fs::read(nginx.output()).unwrap();
 
     let stop = Instant::now();
     first.signal(Signal::SIGTERM);
-    assert_eq!(first.wait_exit(Duration::from_secs(5)), Some(0), "SIGTERM stops within 5 s with exit 0");
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "SIGTERM stops within 5 s with exit 0"
+    );
     eprintln!("figure: SIGTERM → exit in {:?}", stop.elapsed());
-    assert_eq!(std::fs::read(nginx.output()).unwrap(), before, "the file is left as it is");
+    assert_eq!(
+        std::fs::read(nginx.output()).unwrap(),
+        before,
+        "the file is left as it is"
+    );
 
     let second = Daemon::start(&cfg);
-    wait_for("ready again", SHORT, || second.output.text().contains("Upstream file is up to date."));
+    wait_for("ready again", SHORT, || {
+        second
+            .output
+            .text()
+            .contains("Upstream file is up to date.")
+    });
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(nginx.reloads(), 1, "a restart over an unchanged world reloads nothing");
+    assert_eq!(
+        nginx.reloads(),
+        1,
+        "a restart over an unchanged world reloads nothing"
+    );
     assert_eq!(std::fs::read(nginx.output()).unwrap(), before);
 }
 
@@ -100,7 +162,13 @@ fn every_replica_unhealthy_still_renders_a_file_nginx_accepts() {
         }
         let nginx = Nginx::start("kotaemon");
         let _report = report_on_failure(&nginx);
-        let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", &format!("on_all_unhealthy = \"{policy}\""));
+        let cfg = static_config(
+            &nginx,
+            "kotaemon",
+            &replicas.iter().collect::<Vec<_>>(),
+            "",
+            &format!("on_all_unhealthy = \"{policy}\""),
+        );
         let _daemon = Daemon::start(&cfg);
         wait_for("the first reload", SHORT, || nginx.reloads() == 1);
         let text = nginx.rendered();
@@ -109,7 +177,11 @@ fn every_replica_unhealthy_still_renders_a_file_nginx_accepts() {
         }
         assert!(text.contains(&format!("on_all_unhealthy = {policy}")));
         let t = nginx.test_config();
-        assert!(t.status.success(), "nginx -t: {}", String::from_utf8_lossy(&t.stderr));
+        assert!(
+            t.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&t.stderr)
+        );
     }
 }
 
@@ -117,16 +189,35 @@ fn every_replica_unhealthy_still_renders_a_file_nginx_accepts() {
 fn once_dry_run_prints_the_file_and_touches_nothing() {
     let replicas = [Replica::start("alpha")];
     let nginx = Nginx::start("kotaemon");
-    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    );
     let (_dir, path) = write_config(&cfg);
     let before = std::fs::read(nginx.output()).unwrap();
-    let mtime = std::fs::metadata(nginx.output()).unwrap().modified().unwrap();
-    let (code, stdout, stderr) = upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
+    let mtime = std::fs::metadata(nginx.output())
+        .unwrap()
+        .modified()
+        .unwrap();
+    let (code, stdout, stderr) =
+        upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains(&server_line(&replicas[0], false)), "{stdout}");
+    assert!(
+        stdout.contains(&server_line(&replicas[0], false)),
+        "{stdout}"
+    );
     assert!(stdout.contains("upstream kotaemon {"));
     assert_eq!(std::fs::read(nginx.output()).unwrap(), before);
-    assert_eq!(std::fs::metadata(nginx.output()).unwrap().modified().unwrap(), mtime);
+    assert_eq!(
+        std::fs::metadata(nginx.output())
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime
+    );
     assert_eq!(nginx.reloads(), 0);
 
     // Without --dry-run: written and reloaded once, then a second run changes nothing.
@@ -162,7 +253,16 @@ servers = ["10.0.0.1:7860 down", { address = "10.0.0.2:7860", backup = true }]
     );
     let (code, stdout, stderr) = upstreamd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 2, "{stdout}{stderr}");
-    for needle in ["nginx.output", "nginx.settle", "upstream[0].name", "intervall", "did you mean `interval`", "servers[0]", "backup", "keepalive"] {
+    for needle in [
+        "nginx.output",
+        "nginx.settle",
+        "upstream[0].name",
+        "intervall",
+        "did you mean `interval`",
+        "servers[0]",
+        "backup",
+        "keepalive",
+    ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
     let (code, _, _) = upstreamd(&["check", "--config", "/nonexistent/upstreamd.toml"]);
@@ -175,7 +275,13 @@ servers = ["10.0.0.1:7860 down", { address = "10.0.0.2:7860", backup = true }]
 fn check_accepts_a_good_config() {
     let nginx = Nginx::start("kotaemon");
     let r = Replica::start("alpha");
-    let (_dir, path) = write_config(&static_config(&nginx, "kotaemon", &[&r], "", "balance = \"sticky\""));
+    let (_dir, path) = write_config(&static_config(
+        &nginx,
+        "kotaemon",
+        &[&r],
+        "",
+        "balance = \"sticky\"",
+    ));
     let (code, stdout, stderr) = upstreamd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok"));

@@ -227,10 +227,6 @@ fn upstream(
             &s.key_path("hash_key"),
             "required with balance = \"hash\" (an nginx variable such as \"$cookie_session\" or \"$request_uri\")",
         ),
-        Some(b) if b != Balance::Hash && s.has("hash_key") => p.add(
-            &s.key_path("hash_key"),
-            format!("is only used with balance = \"hash\" (balance is \"{}\")", balance_name(b)),
-        ),
         _ => {}
     }
     let affinity_cookie = s.get("affinity_cookie", p, |v| {
@@ -240,16 +236,8 @@ fn upstream(
         }
         Ok(c)
     });
-    if let Some(b) = balance.filter(|b| *b != Balance::Sticky && s.has("affinity_cookie")) {
-        p.add(
-            &s.key_path("affinity_cookie"),
-            format!(
-                "is only used with balance = \"sticky\" (balance is \"{}\")",
-                balance_name(b)
-            ),
-        );
-    }
-
+    // `hash_key` and `affinity_cookie` are accepted with any balance (the documented example
+    // sets both) and used only by the balance they belong to.
     let keepalive = s.get("keepalive", p, u32_in(0, 10_000)).unwrap_or(32);
     let on_all_unhealthy = s
         .get("on_all_unhealthy", p, choice(ALL_UNHEALTHY))

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `cond` every 20 ms until it holds or `within` passes; returns the elapsed time.
@@ -34,8 +38,19 @@ pub struct Output(Arc<Mutex<String>>);
 
 impl Output {
     fn capture(&self, child: &mut Child, prefix: &str) {
-        for pipe in [child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-                     child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let buf = self.0.clone();
             let prefix = prefix.to_owned();
             std::thread::spawn(move || {
@@ -61,7 +76,10 @@ fn kill_and_reap(child: &mut Child) {
     // The child may have exited already; both calls are then harmless no-ops with errors we
     // have no use for.
     if child.try_wait().ok().flatten().is_none() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::SIGKILL,
+        );
     }
     let _ = child.wait();
 }
@@ -87,7 +105,11 @@ impl Nginx {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         let port = free_port();
-        let user = if nix::unistd::geteuid().is_root() { "user root;" } else { "" };
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root;"
+        } else {
+            ""
+        };
         let conf = format!(
             "{user}\nworker_processes 1;\npid logs/nginx.pid;\nerror_log logs/error.log notice;\n\
              events {{ worker_connections 512; }}\n\
@@ -102,7 +124,14 @@ impl Nginx {
         )
         .unwrap();
         let child = Command::new("nginx")
-            .args(["-p", dir.path().to_str().unwrap(), "-c", "conf/nginx.conf", "-g", "daemon off;"])
+            .args([
+                "-p",
+                dir.path().to_str().unwrap(),
+                "-c",
+                "conf/nginx.conf",
+                "-g",
+                "daemon off;",
+            ])
             .stdin(Stdio::null())
             .spawn()
             .expect("nginx must be installed (apt-get install nginx)");
@@ -125,12 +154,19 @@ impl Nginx {
 
     /// The master's pid, once written.
     pub fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The `test_command` for this nginx, as TOML.
     pub fn test_command_toml(&self) -> String {
-        format!(r#"["nginx", "-p", "{}", "-c", "conf/nginx.conf", "-t", "-q"]"#, self.dir.path().display())
+        format!(
+            r#"["nginx", "-p", "{}", "-c", "conf/nginx.conf", "-t", "-q"]"#,
+            self.dir.path().display()
+        )
     }
 
     /// The `[nginx]` section pointing at this nginx, with the given extra lines.
@@ -159,7 +195,14 @@ impl Nginx {
     /// Runs `nginx -t` against the current files.
     pub fn test_config(&self) -> std::process::Output {
         Command::new("nginx")
-            .args(["-p", self.dir.path().to_str().unwrap(), "-c", "conf/nginx.conf", "-t", "-q"])
+            .args([
+                "-p",
+                self.dir.path().to_str().unwrap(),
+                "-c",
+                "conf/nginx.conf",
+                "-t",
+                "-q",
+            ])
             .output()
             .unwrap()
     }
@@ -171,7 +214,11 @@ impl Nginx {
 
     /// GET `path` through nginx on a fresh connection: (status, body), or None on a transport error.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(&format!("127.0.0.1:{}", self.port), path, Duration::from_secs(5))
+        http_get(
+            &format!("127.0.0.1:{}", self.port),
+            path,
+            Duration::from_secs(5),
+        )
     }
 
     /// Sends `n` requests for `/` and counts answers per replica name (the stand-in's `GET /`
@@ -201,7 +248,10 @@ impl Drop for Nginx {
                 if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
                     if rest.split_whitespace().nth(1) == Some(master.as_str()) {
                         if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::SIGKILL,
+                            );
                         }
                     }
                 }
@@ -215,20 +265,36 @@ pub fn http_get(authority: &str, path: &str, timeout: Duration) -> Option<(u16, 
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(authority).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
     Some((status, body))
 }
 
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -269,7 +335,14 @@ impl Replica {
         let control = dir.path().join("mode");
         std::fs::write(&control, "healthy").unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kotaemon-standin"))
-            .args(["--listen", addr, "--name", name, "--control-file", control.to_str().unwrap()])
+            .args([
+                "--listen",
+                addr,
+                "--name",
+                name,
+                "--control-file",
+                control.to_str().unwrap(),
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -278,7 +351,14 @@ impl Replica {
             .unwrap();
         let output = Output::default();
         output.capture(&mut child, name);
-        Self { name: name.to_owned(), addr: addr.to_owned(), control, output, child, _dir: dir }
+        Self {
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+            control,
+            output,
+            child,
+            _dir: dir,
+        }
     }
 
     /// Switches the failure mode (`healthy`, `error`, `hang`, `slow:<ms>`) via the control file.
@@ -308,7 +388,10 @@ pub struct Daemon {
 
 /// Runs `upstreamd ARGS` to completion: (exit code, stdout, stderr).
 pub fn upstreamd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_upstreamd")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_upstreamd"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -338,7 +421,12 @@ impl Daemon {
             .unwrap();
         let output = Output::default();
         output.capture(&mut child, "upstreamd");
-        Self { config: path, output, child, _dir: dir }
+        Self {
+            config: path,
+            output,
+            child,
+            _dir: dir,
+        }
     }
 
     /// The daemon's pid.
@@ -373,8 +461,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         kill_and_reap(&mut self.child);
         if std::thread::panicking() {
-            eprintln!("---- upstreamd config ({}):\n{}", self.config.display(),
-                std::fs::read_to_string(&self.config).unwrap_or_default());
+            eprintln!(
+                "---- upstreamd config ({}):\n{}",
+                self.config.display(),
+                std::fs::read_to_string(&self.config).unwrap_or_default()
+            );
             eprintln!("---- upstreamd output:\n{}", self.output.text());
         }
     }
@@ -386,7 +477,11 @@ pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     impl Drop for Report<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                eprintln!("---- rendered {}:\n{}", self.0.output().display(), self.0.rendered());
+                eprintln!(
+                    "---- rendered {}:\n{}",
+                    self.0.output().display(),
+                    self.0.rendered()
+                );
                 eprintln!("---- nginx error.log:\n{}", self.0.error_log());
             }
         }
@@ -395,7 +490,13 @@ pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
 }
 
 /// A static-source config for one upstream over `replicas`, probing `/queue/status` fast.
-pub fn static_config(nginx: &Nginx, upstream: &str, replicas: &[&Replica], extra_nginx: &str, extra_upstream: &str) -> String {
+pub fn static_config(
+    nginx: &Nginx,
+    upstream: &str,
+    replicas: &[&Replica],
+    extra_nginx: &str,
+    extra_upstream: &str,
+) -> String {
     let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
     format!(
         "{}\n[[upstream]]\nname = \"{upstream}\"\n{extra_upstream}\n\n[upstream.health]\npath = \"/queue/status\"\n\

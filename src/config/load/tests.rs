@@ -163,11 +163,10 @@ fn the_architecture_example_parses_once_hash_key_is_dropped() {
 }
 
 #[test]
-fn the_verbatim_architecture_example_is_refused_only_for_hash_key_with_sticky() {
-    assert_eq!(
-        one_error(ARCHITECTURE_EXAMPLE),
-        "upstream[0].hash_key: is only used with balance = \"hash\" (balance is \"sticky\")"
-    );
+fn the_verbatim_architecture_example_parses() {
+    let config = parse(ARCHITECTURE_EXAMPLE, &no_env).expect("the documented example is valid");
+    assert_eq!(config.upstreams[0].balance, Balance::Sticky);
+    assert_eq!(config.upstreams[0].affinity_cookie, "kh_affinity");
 }
 
 #[test]
@@ -500,7 +499,7 @@ fn hash_key_is_required_with_hash_and_checked_for_safe_characters() {
 }
 
 #[test]
-fn affinity_cookie_is_a_word_and_only_taken_with_sticky() {
+fn affinity_cookie_is_a_word_and_accepted_with_any_balance() {
     let bad = with_upstream(&format!(
         "name = \"app\"\nbalance = \"sticky\"\naffinity_cookie = \"a=b\"\n{ONE_STATIC}"
     ));
@@ -511,10 +510,7 @@ fn affinity_cookie_is_a_word_and_only_taken_with_sticky() {
     let misplaced = with_upstream(&format!(
         "name = \"app\"\naffinity_cookie = \"kh\"\n{ONE_STATIC}"
     ));
-    assert_eq!(
-        one_error(&misplaced),
-        "upstream[0].affinity_cookie: is only used with balance = \"sticky\" (balance is \"round_robin\")"
-    );
+    assert!(parse(&misplaced, &no_env).is_ok());
 }
 
 #[test]
