@@ -196,7 +196,20 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     });
     let nginx = SystemNginx::new(&cfg.nginx);
     let metrics = Arc::new(Metrics::new());
-    let controller = Controller::new(cfg, renderer, nginx, metrics, shutdown);
+    let admin = cfg.admin.listen;
+    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone());
+    if let Some(addr) = admin {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on admin address {addr}"))?;
+        tracing::info!(%addr, "Admin server listening.");
+        let (handle, stop) = (controller.handle(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = upstreamd::admin::serve(listener, handle, metrics, stop).await {
+                tracing::error!(%error, "Admin server failed.");
+            }
+        });
+    }
     controller.run(Mode::Run, reloads).await?;
     Ok(ExitCode::SUCCESS)
 }

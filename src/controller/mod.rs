@@ -3,6 +3,7 @@
 //! `settle`, at most once per `min_reload_interval`.
 
 pub mod state;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,6 +20,7 @@ use crate::nginx::{self, Applied, ApplyError, Nginx};
 use crate::render::{RenderError, Renderer};
 use crate::sources::{self, SourceEvent, SourceKey, SourceUpdate};
 use state::UpstreamState;
+use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
 const MAX_CONCURRENT_PROBES: usize = 512;
@@ -89,6 +91,10 @@ pub struct Controller<N: Nginx> {
     applied: Option<Vec<Desired>>,
     /// Whether the first apply succeeded.
     ready: bool,
+    last_apply: Option<LastApply>,
+    started: Instant,
+    handle: ControllerHandle,
+    status_rx: mpsc::Receiver<StatusRequest>,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -96,6 +102,7 @@ impl<N: Nginx> Controller<N> {
     pub fn new(cfg: Config, renderer: Renderer, nginx: N, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         let (source_tx, source_rx) = mpsc::channel(1024);
         let (probe_tx, probe_rx) = mpsc::channel(4096);
+        let (handle, status_rx) = ControllerHandle::new();
         Self {
             cfg,
             renderer,
@@ -116,6 +123,28 @@ impl<N: Nginx> Controller<N> {
             rejected: None,
             applied: None,
             ready: false,
+            last_apply: None,
+            started: Instant::now(),
+            handle,
+            status_rx,
+        }
+    }
+
+    /// A handle that asks this controller for its status once it runs.
+    pub fn handle(&self) -> ControllerHandle {
+        self.handle.clone()
+    }
+
+    /// The current status.
+    pub fn status_report(&self) -> StatusReport {
+        let now = Instant::now();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION"),
+            ready: self.ready,
+            uptime_secs: now.duration_since(self.started).as_secs_f64(),
+            upstreams: self.upstreams.iter().map(|u| status::upstream_status(u, now, None)).collect(),
+            last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
+            change_pending: self.pending_since.is_some(),
         }
     }
 
@@ -155,6 +184,11 @@ impl<N: Nginx> Controller<N> {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
+                Some(request) = self.status_rx.recv() => {
+                    // The asker may have given up waiting; nothing to do then.
+                    let _ = request.send(self.status_report());
+                    continue;
+                }
                 Some(update) = self.source_rx.recv() => self.on_source(update),
                 Some(report) = self.probe_rx.recv() => {
                     self.on_probe(report);
@@ -354,19 +388,32 @@ impl<N: Nginx> Controller<N> {
         let Some(text) = self.rendered.clone() else { return Ok(()) };
         let desired = self.upstreams.iter().map(|u| u.desired()).collect::<Vec<_>>();
         let t0 = Instant::now();
-        match nginx::apply(&self.cfg.nginx.output, text.as_bytes(), &self.nginx).await {
+        let result = nginx::apply(&self.cfg.nginx.output, text.as_bytes(), &self.nginx).await;
+        let took = t0.elapsed();
+        let changes = describe_changes(self.applied.as_deref(), &desired);
+        self.last_apply = Some(LastApply {
+            result: match &result {
+                Ok(Applied::Unchanged) => "unchanged".into(),
+                Ok(Applied::Reloaded { .. }) => "ok".into(),
+                Err(e) => e.result_label().into(),
+            },
+            at: now,
+            duration: took,
+            changes: changes.clone(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        });
+        match result {
             Ok(Applied::Unchanged) => {
                 self.mark_ready();
                 Ok(())
             }
             Ok(Applied::Reloaded { .. }) => {
-                let took = t0.elapsed();
                 self.last_reload = Some(now);
                 self.metrics.inc("upstreamd_reloads_total", &[("result", "ok")]);
                 self.metrics.observe("upstreamd_reload_duration_seconds", &[], took.as_secs_f64());
                 let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
                 self.metrics.set("upstreamd_last_reload_success_timestamp_seconds", &[], unix.as_secs_f64());
-                tracing::info!(changes = %describe_changes(self.applied.as_deref(), &desired),
+                tracing::info!(%changes,
                     took_ms = took.as_millis() as u64, "Applied the new upstream file and nginx reloaded.");
                 self.applied = Some(desired);
                 self.rejected = None;

@@ -1,0 +1,166 @@
+//! The status page: server-rendered HTML that refreshes itself every two seconds, no script.
+
+use crate::controller::status::{EndpointStatus, SourceStatus, StatusReport, UpstreamStatus};
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn secs(s: f64) -> String {
+    match s {
+        s if s < 1.0 => format!("{:.0} ms ago", s * 1000.0),
+        s if s < 120.0 => format!("{s:.1} s ago"),
+        s if s < 7200.0 => format!("{:.0} min ago", s / 60.0),
+        s => format!("{:.1} h ago", s / 3600.0),
+    }
+}
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}\
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}\
+th{background:#f4f4f4}.state{font-weight:600;border-radius:3px;padding:.1em .5em;color:#fff}\
+.up{background:#2e7d32}.down{background:#c62828}.unknown{background:#757575}.stale{background:#ef6c00}\
+.muted{color:#777}.banner{padding:.5em 1em;border-radius:4px;margin:.5em 0}\
+.bad{background:#ffebee;border:1px solid #c62828}.ok{background:#e8f5e9;border:1px solid #2e7d32}";
+
+fn endpoint_row(e: &EndpointStatus) -> String {
+    let health = format!("{:?}", e.health).to_lowercase();
+    let probe = e.last_probe.as_ref().map_or("—".to_owned(), |p| format!("{} ({:.1} ms)", esc(&p.detail), p.latency_ms));
+    let transition = e.last_transition.as_ref().map_or("—".to_owned(), |t| {
+        format!("{:?} → {:?}, {}: {}", t.from, t.to, secs(t.secs_ago), esc(&t.why)).to_lowercase()
+    });
+    let registry = match &e.registry {
+        crate::model::RegistryState::Passing => "passing".to_owned(),
+        crate::model::RegistryState::Critical(why) => format!("critical: {}", esc(why)),
+    };
+    format!(
+        "<tr class=\"endpoint\" data-address=\"{addr}\" data-rendered=\"{r}\"><td><code>{addr}</code></td>\
+         <td><span class=\"state {r}\">{r}</span></td><td><span class=\"state {hc}\">{health}</span></td>\
+         <td>{registry}</td><td>{probe}</td><td>{transition}</td><td class=\"muted\">{origin}</td></tr>",
+        addr = esc(&e.address.to_string()),
+        r = e.rendered,
+        hc = match health.as_str() {
+            "up" => "up",
+            "down" => "down",
+            _ => "unknown",
+        },
+        origin = esc(&e.origin),
+    )
+}
+
+fn source_row(s: &SourceStatus) -> String {
+    let (class, state) = match (s.delivered, s.up) {
+        (false, _) => ("unknown", "waiting"),
+        (true, true) => ("up", "up"),
+        (true, false) => ("stale", "stale"),
+    };
+    format!(
+        "<tr><td>{}</td><td><span class=\"state {class}\">{state}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        esc(&s.label),
+        s.last_update_secs_ago.map_or("—".to_owned(), secs),
+        s.updates,
+        s.skipped,
+        s.error.as_deref().map(esc).unwrap_or_default(),
+    )
+}
+
+fn upstream_section(u: &UpstreamStatus) -> String {
+    let up = u.endpoints.iter().filter(|e| e.rendered == "up").count();
+    let mut out = format!(
+        "<h2>upstream <code>{}</code> <span class=\"muted\">{:?} · {up} of {} up</span></h2>",
+        esc(&u.name),
+        u.balance,
+        u.endpoints.len()
+    )
+    .to_lowercase();
+    if u.all_unhealthy {
+        out.push_str("<div class=\"banner bad\">Every endpoint fails its health check: on_all_unhealthy applies.</div>");
+    }
+    if let Some(held) = &u.shrink_held {
+        out.push_str(&format!("<div class=\"banner bad\">Held: {}</div>", esc(held)));
+    }
+    out.push_str("<table><tr><th>source</th><th>state</th><th>last update</th><th>updates</th><th>skipped</th><th>error</th></tr>");
+    for s in &u.sources {
+        out.push_str(&source_row(s));
+    }
+    out.push_str("</table><table><tr><th>endpoint</th><th>rendered</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
+    for e in &u.endpoints {
+        out.push_str(&endpoint_row(e));
+    }
+    if u.endpoints.is_empty() {
+        out.push_str("<tr><td colspan=\"7\" class=\"muted\">nothing registered</td></tr>");
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// The page for a status report.
+pub fn render(r: &StatusReport) -> String {
+    let mut body = String::new();
+    let ready = if r.ready { "<span class=\"state up\">ready</span>" } else { "<span class=\"state unknown\">starting</span>" };
+    body.push_str(&format!("<h1>upstreamd {} {ready}</h1>", esc(r.version)));
+    match &r.last_apply {
+        Some(a) if a.error.is_some() => body.push_str(&format!(
+            "<div class=\"banner bad\" id=\"last-apply\">Last apply <b>{}</b> {}: {}</div>",
+            esc(&a.result),
+            secs(a.secs_ago),
+            esc(a.error.as_deref().unwrap_or_default())
+        )),
+        Some(a) => body.push_str(&format!(
+            "<div class=\"banner ok\" id=\"last-apply\">Last apply <b>{}</b> {} in {:.0} ms: {}</div>",
+            esc(&a.result),
+            secs(a.secs_ago),
+            a.duration_ms,
+            esc(&a.changes)
+        )),
+        None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
+    }
+    if r.change_pending {
+        body.push_str("<p class=\"muted\">A change is waiting for settle / min_reload_interval.</p>");
+    }
+    for u in &r.upstreams {
+        body.push_str(&upstream_section(u));
+    }
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+         <title>upstreamd</title><style>{STYLE}</style></head><body>{body}\
+         <p class=\"muted\">Refreshes every 2 s · <a href=\"/status\">/status</a> · <a href=\"/metrics\">/metrics</a></p></body></html>"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_everything_a_registry_could_put_in_an_origin() {
+        assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+    }
+
+    #[test]
+    fn an_empty_report_renders_a_page_that_refreshes() {
+        let r = StatusReport {
+            version: "0.1.0",
+            ready: false,
+            uptime_secs: 1.0,
+            upstreams: vec![],
+            last_apply: None,
+            change_pending: false,
+        };
+        let html = render(&r);
+        assert!(html.contains("http-equiv=\"refresh\""));
+        assert!(html.contains("starting"));
+    }
+}

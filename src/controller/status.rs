@@ -1,0 +1,229 @@
+//! What `/status` and the status page show: a snapshot of the controller's state, built on
+//! request (so a large fleet costs nothing between requests).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::state::{LastProbe, UpstreamState};
+use crate::config::Balance;
+use crate::decide::Verdict;
+use crate::health::Health;
+use crate::model::{Address, RegistryState};
+
+/// The whole status report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// upstreamd's version.
+    pub version: &'static str,
+    /// Every source delivered and the first apply succeeded.
+    pub ready: bool,
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Per upstream, in config order.
+    pub upstreams: Vec<UpstreamStatus>,
+    /// The last render and apply.
+    pub last_apply: Option<ApplyStatus>,
+    /// A change is waiting for `settle` or `min_reload_interval`.
+    pub change_pending: bool,
+}
+
+/// One upstream.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamStatus {
+    /// Its name.
+    pub name: String,
+    /// Its balancing method.
+    pub balance: Balance,
+    /// Every registered endpoint is unhealthy (the `on_all_unhealthy` policy applies).
+    pub all_unhealthy: bool,
+    /// Its sources.
+    pub sources: Vec<SourceStatus>,
+    /// Its endpoints, sorted by address.
+    pub endpoints: Vec<EndpointStatus>,
+    /// A large shrink being held for confirmation, if any.
+    pub shrink_held: Option<String>,
+}
+
+/// One source.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    /// The metric label.
+    pub label: String,
+    /// The kind.
+    pub kind: &'static str,
+    /// The last request succeeded.
+    pub up: bool,
+    /// A snapshot has been delivered.
+    pub delivered: bool,
+    /// The last error, while stale.
+    pub error: Option<String>,
+    /// Seconds since the last good snapshot.
+    pub last_update_secs_ago: Option<f64>,
+    /// Seconds the snapshot has been stale.
+    pub stale_secs: Option<f64>,
+    /// Snapshots received.
+    pub updates: u64,
+    /// Entries skipped as invalid in the last snapshot.
+    pub skipped: usize,
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    /// Its address.
+    pub address: Address,
+    /// Where it came from (a registry key, a service ID, `servers[1]`).
+    pub origin: String,
+    /// What the registry says.
+    pub registry: RegistryState,
+    /// What our probes say (`up` when probing is off).
+    pub health: Health,
+    /// How it is rendered: `up` or `down`.
+    pub rendered: &'static str,
+    /// Why.
+    pub verdict: Verdict,
+    /// The last probe.
+    pub last_probe: Option<LastProbe>,
+    /// The last health transition.
+    pub last_transition: Option<TransitionStatus>,
+}
+
+/// A health transition.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransitionStatus {
+    /// The state before.
+    pub from: Health,
+    /// The state after.
+    pub to: Health,
+    /// Seconds ago.
+    pub secs_ago: f64,
+    /// Why, as a sentence.
+    pub why: String,
+}
+
+/// The outcome of the last apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyStatus {
+    /// `ok`, `unchanged`, or a failure label (`test_failed`, `signal_failed`, `unconfirmed`, `write_failed`).
+    pub result: String,
+    /// Seconds ago.
+    pub secs_ago: f64,
+    /// How long it took, in milliseconds.
+    pub duration_ms: f64,
+    /// What changed, as logged.
+    pub changes: String,
+    /// The error, with nginx's output, when it failed.
+    pub error: Option<String>,
+}
+
+/// The last apply, as the controller remembers it.
+#[derive(Debug, Clone)]
+pub(crate) struct LastApply {
+    pub result: String,
+    pub at: Instant,
+    pub duration: Duration,
+    pub changes: String,
+    pub error: Option<String>,
+}
+
+fn ago(now: Instant, then: Instant) -> f64 {
+    now.saturating_duration_since(then).as_secs_f64()
+}
+
+/// Builds the report of one upstream.
+pub(crate) fn upstream_status(u: &UpstreamState, now: Instant, shrink_held: Option<String>) -> UpstreamStatus {
+    let desired = u.desired();
+    let endpoints = desired
+        .servers
+        .iter()
+        .filter_map(|s| {
+            let e = u.endpoints.get(&s.address)?;
+            let h = u.health.get(&s.address);
+            Some(EndpointStatus {
+                address: s.address.clone(),
+                origin: e.origin.clone(),
+                registry: e.registry.clone(),
+                health: match h {
+                    _ if !u.cfg.health.enabled => Health::Up,
+                    Some(h) => h.state.health(),
+                    None => Health::Unknown,
+                },
+                rendered: if s.down { "down" } else { "up" },
+                verdict: s.verdict,
+                last_probe: h.and_then(|h| h.last.clone()),
+                last_transition: h.and_then(|h| h.last_transition.as_ref()).map(|(t, at, why)| TransitionStatus {
+                    from: t.from,
+                    to: t.to,
+                    secs_ago: ago(now, *at),
+                    why: why.clone(),
+                }),
+            })
+        })
+        .collect();
+    UpstreamStatus {
+        name: u.cfg.name.to_string(),
+        balance: u.cfg.balance,
+        all_unhealthy: desired.all_unhealthy,
+        sources: u
+            .sources
+            .iter()
+            .map(|s| SourceStatus {
+                label: s.label.clone(),
+                kind: s.kind,
+                up: s.error.is_none() && s.snapshot.is_some(),
+                delivered: s.snapshot.is_some(),
+                error: s.error.clone(),
+                last_update_secs_ago: s.updated.map(|t| ago(now, t)),
+                stale_secs: s.failing_since.map(|t| ago(now, t)),
+                updates: s.updates,
+                skipped: s.skipped,
+            })
+            .collect(),
+        endpoints,
+        shrink_held,
+    }
+}
+
+impl LastApply {
+    pub(crate) fn report(&self, now: Instant) -> ApplyStatus {
+        ApplyStatus {
+            result: self.result.clone(),
+            secs_ago: ago(now, self.at),
+            duration_ms: self.duration.as_secs_f64() * 1000.0,
+            changes: self.changes.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// A request for the current status, answered by the controller loop.
+pub type StatusRequest = oneshot::Sender<StatusReport>;
+
+/// Asks the running controller for its status; a clone per consumer (admin server, notifier).
+#[derive(Debug, Clone)]
+pub struct ControllerHandle {
+    pub(crate) tx: mpsc::Sender<StatusRequest>,
+}
+
+impl ControllerHandle {
+    /// A handle and the receiving end the controller answers on.
+    pub fn new() -> (Self, mpsc::Receiver<StatusRequest>) {
+        let (tx, rx) = mpsc::channel(16);
+        (Self { tx }, rx)
+    }
+
+    /// The controller's status, or `None` when it does not answer within `timeout` (the loop
+    /// is stuck or gone: that is what `/healthz` reports).
+    pub async fn status(&self, timeout: Duration) -> Option<StatusReport> {
+        let (tx, rx) = oneshot::channel();
+        tokio::time::timeout(timeout, async {
+            self.tx.send(tx).await.ok()?;
+            rx.await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
