@@ -1,0 +1,170 @@
+//! The operator's surface: admin endpoints over real HTTP, config reload on SIGHUP, and the
+//! status page in a real headless browser.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const SHORT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    replicas: Vec<Replica>,
+    nginx: Nginx,
+    daemon: Daemon,
+    admin: String,
+}
+
+fn setup(n: usize) -> Setup {
+    let replicas: Vec<Replica> = ["alpha", "bravo", "charlie"][..n].iter().map(|name| Replica::start(name)).collect();
+    let nginx = Nginx::start("kotaemon");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "")
+        .replace("[[upstream]]", &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"));
+    let daemon = Daemon::start(&cfg);
+    wait_for("readyz", SHORT, || matches!(http_get(&admin, "/readyz", SHORT), Some((200, _))));
+    Setup { replicas, nginx, daemon, admin }
+}
+
+fn get(admin: &str, path: &str) -> (u16, String) {
+    http_get(admin, path, SHORT).unwrap_or_else(|| panic!("GET {path} failed"))
+}
+
+fn status(admin: &str) -> serde_json::Value {
+    serde_json::from_str(&get(admin, "/status").1).unwrap()
+}
+
+#[test]
+fn admin_endpoints_report_state_metrics_and_transitions() {
+    let s = setup(2);
+    let _report = report_on_failure(&s.nginx);
+    assert_eq!(get(&s.admin, "/healthz").0, 200);
+    let st = status(&s.admin);
+    assert_eq!(st["ready"], true);
+    let eps = st["upstreams"][0]["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 2);
+    for e in eps {
+        assert_eq!(e["rendered"], "up");
+        assert_eq!(e["health"], "up");
+        assert_eq!(e["last_probe"]["result"], "ok");
+    }
+    assert_eq!(st["upstreams"][0]["sources"][0]["label"], "static");
+    assert_eq!(st["last_apply"]["result"], "ok");
+
+    let (code, metrics) = get(&s.admin, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "upstreamd_reloads_total{result=\"ok\"} 1\n",
+        "upstreamd_endpoints{upstream=\"kotaemon\",state=\"healthy\"} 2\n",
+        "upstreamd_source_up{upstream=\"kotaemon\",source=\"static\"} 1\n",
+        "upstreamd_renders_total{result=\"changed\"}",
+        "upstreamd_probes_total{upstream=\"kotaemon\",result=\"ok\"}",
+        "upstreamd_probe_duration_seconds_bucket{upstream=\"kotaemon\",le=\"0.1\"}",
+        "upstreamd_reload_duration_seconds_count 1\n",
+        "upstreamd_last_reload_success_timestamp_seconds ",
+        "upstreamd_build_info{version=\"",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    }
+    for r in &s.replicas {
+        assert!(!metrics.contains(&r.addr), "an address leaked into a label: {}", r.addr);
+    }
+
+    s.replicas[0].set_mode("error");
+    wait_for("alpha down in /status", SHORT, || {
+        status(&s.admin)["upstreams"][0]["endpoints"].as_array().unwrap().iter().any(|e| e["rendered"] == "down")
+    });
+    let st = status(&s.admin);
+    let alpha = st["upstreams"][0]["endpoints"].as_array().unwrap().iter().find(|e| e["rendered"] == "down").unwrap().clone();
+    assert_eq!(alpha["address"], s.replicas[0].addr.as_str());
+    assert_eq!(alpha["last_probe"]["detail"], "status 503");
+    assert!(alpha["last_transition"]["why"].as_str().unwrap().contains("consecutive failed probes"), "{alpha}");
+    wait_for("the transition metric", SHORT, || {
+        get(&s.admin, "/metrics").1.contains("upstreamd_health_transitions_total{upstream=\"kotaemon\",to=\"unhealthy\"} 1\n")
+    });
+}
+
+#[test]
+fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
+    let mut s = setup(2);
+    let _report = report_on_failure(&s.nginx);
+    wait_for("first reload", SHORT, || s.nginx.reloads() == 1);
+    let third = Replica::start("charlie");
+    let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
+    let grown = cfg.replace(&format!("\"{}\"]", s.replicas[1].addr), &format!("\"{}\", \"{}\"]", s.replicas[1].addr, third.addr));
+    assert_ne!(grown, cfg);
+    std::fs::write(&s.daemon.config, &grown).unwrap();
+    s.daemon.signal(Signal::SIGHUP);
+    wait_for("charlie rendered", SHORT, || s.nginx.rendered().contains(&format!("server {};", third.addr)));
+    wait_for("second reload", SHORT, || s.nginx.reloads() == 2);
+    let before = s.nginx.rendered();
+
+    std::fs::write(&s.daemon.config, grown.replace("interval = \"200ms\"", "interval = 5")).unwrap();
+    s.daemon.signal(Signal::SIGHUP);
+    wait_for("the refusal", SHORT, || s.daemon.output.text().contains("Refusing the new config"));
+    assert!(s.daemon.output.text().contains("upstream[0].health.interval"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(s.daemon.alive());
+    assert_eq!(s.nginx.rendered(), before);
+    assert_eq!(s.nginx.reloads(), 2);
+    assert_eq!(get(&s.admin, "/readyz").0, 200, "the running config stays in force");
+}
+
+fn chromium() -> Option<&'static str> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+}
+
+fn browser(args: &[&str], url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium().unwrap())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", profile.path().display()),
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_status_page_shows_endpoints_in_a_real_browser() {
+    let Some(_) = chromium() else {
+        // The test command installs chromium; this only happens when run without it.
+        eprintln!("skipped: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let s = setup(3);
+    let url = format!("http://{}/", s.admin);
+    let dom = browser(&["--dump-dom"], &url);
+    for r in &s.replicas {
+        assert!(dom.contains(&format!("data-address=\"{}\" data-rendered=\"up\"", r.addr)), "{dom}");
+    }
+    assert!(dom.contains("http-equiv=\"refresh\""), "the page refreshes itself");
+
+    s.replicas[2].set_mode("error");
+    wait_for("charlie down", SHORT, || s.nginx.rendered().contains(" down;"));
+    let dom = browser(&["--dump-dom"], &url);
+    assert!(dom.contains(&format!("data-address=\"{}\" data-rendered=\"down\"", s.replicas[2].addr)), "{dom}");
+
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shot = dir.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    browser(&[&format!("--screenshot={}", shot.display()), "--window-size=1280,720", "--hide-scrollbars"], &url);
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 10_000, "a screenshot was taken ({size} bytes)");
+    eprintln!("figure: status page screenshot at {}", shot.display());
+}
