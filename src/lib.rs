@@ -1,8 +1,26 @@
-//! upstreamd keeps an nginx `upstream` include file true to the world.
+//! upstreamd keeps an nginx `upstream` include file true to the world: it gathers backend
+//! endpoints from sources (a static list, Consul, etcd v3), probes each endpoint's HTTP health
+//! path itself, decides the membership, renders the include file from a minijinja template,
+//! validates it with `nginx -t`, and signals the nginx master only when the bytes changed,
+//! confirming that a new worker generation started and rolling back when anything failed.
+//!
+//! Modules in data-flow order:
+//! - [`config`]: the TOML config, validated whole, every error at once.
+//! - [`model`]: typed values that may reach the file (names, addresses, attributes).
+//! - [`sources`]: static, Consul and etcd sources sending full snapshots.
+//! - [`health`]: the hysteresis state machine and the HTTP prober.
+//! - [`decide`]: membership from registry state and probe verdicts (pure).
+//! - [`render`]: the include file's bytes from the decided upstreams (pure).
+//! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback.
+//! - [`controller`]: the one reconcile loop tying it together, and its status report.
+//! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
+pub mod admin;
 pub mod config;
+pub mod controller;
 pub mod decide;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod nginx;
 pub mod render;
 pub mod sources;
