@@ -3,6 +3,7 @@
 //! A source never sends deltas and never sends an empty set because it failed: on error it
 //! sends `Failed`, and the controller keeps its last good snapshot, marked stale.
 
+pub mod consul;
 pub mod static_list;
 
 use std::future::Future;
@@ -73,16 +74,26 @@ impl Sink {
 
     /// Reports a full snapshot. Returns false when the controller is gone.
     pub async fn snapshot(&self, endpoints: Vec<Endpoint>, skipped: usize) -> bool {
-        self.send(SourceEvent::Snapshot { endpoints, skipped }).await
+        self.send(SourceEvent::Snapshot { endpoints, skipped })
+            .await
     }
 
     /// Reports a failure. Returns false when the controller is gone.
     pub async fn failed(&self, error: impl Into<String>) -> bool {
-        self.send(SourceEvent::Failed { error: error.into() }).await
+        self.send(SourceEvent::Failed {
+            error: error.into(),
+        })
+        .await
     }
 
     async fn send(&self, event: SourceEvent) -> bool {
-        self.tx.send(SourceUpdate { key: self.key.clone(), event }).await.is_ok()
+        self.tx
+            .send(SourceUpdate {
+                key: self.key.clone(),
+                event,
+            })
+            .await
+            .is_ok()
     }
 }
 
@@ -95,7 +106,8 @@ pub trait Source: Send + 'static {
 /// The metric labels of an upstream's sources, in order: the kind, or `kind#N` (N from 1)
 /// when the upstream has several sources of that kind.
 pub fn labels(sources: &[SourceConfig]) -> Vec<String> {
-    let count = |upto: &[SourceConfig], kind: &str| upto.iter().filter(|o| o.kind() == kind).count();
+    let count =
+        |upto: &[SourceConfig], kind: &str| upto.iter().filter(|o| o.kind() == kind).count();
     sources
         .iter()
         .enumerate()
@@ -115,8 +127,21 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let sink = Sink::new(key, tx);
     match cfg {
-        SourceConfig::Static(s) => tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown)),
-        SourceConfig::Consul(_) | SourceConfig::Etcd(_) => tokio::spawn(async move {
+        SourceConfig::Static(s) => {
+            tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown))
+        }
+        SourceConfig::Consul(c) => match consul::ConsulWatch::new(c) {
+            Ok(watch) => tokio::spawn(watch.run(sink, shutdown)),
+            Err(e) => tokio::spawn(async move {
+                // A config the loader let through but the client refuses (an unreadable
+                // ca_file): report it as the source's failure and stay until shutdown.
+                tracing::error!(source = %sink.key().label, error = %e, "Consul source could not start.");
+                if sink.failed(e.to_string()).await {
+                    shutdown.cancelled().await;
+                }
+            }),
+        },
+        SourceConfig::Etcd(_) => tokio::spawn(async move {
             // Placeholder until the registry sources land: report a failure so the
             // controller never renders from an absent registry.
             let _delivered = sink.failed("this source kind is not built yet").await;
