@@ -132,9 +132,14 @@ pub struct AnswerOutcome {
 }
 
 impl Progress {
-    /// The `index` for the next request.
+    /// The `index` for the next request: 0 (answer at once) while failing, so that the first
+    /// request after an outage confirms recovery now instead of blocking for `wait`.
     pub fn index(&self) -> u64 {
-        self.index
+        if self.in_outage {
+            0
+        } else {
+            self.index
+        }
     }
 
     /// Records a good answer with index `returned` and its parsed endpoints.
@@ -284,12 +289,18 @@ mod tests {
         let (again, d2) = p.on_failure(0.0);
         assert!(starts && !again, "an outage is reported once");
         assert!(d2 > d1);
+        assert_eq!(
+            p.index(),
+            0,
+            "the first request after a failure does not block"
+        );
         let back = p.on_answer(7, vec![ep("10.0.0.1:80")], 1);
         assert_eq!(back.recovered_after, 2);
         assert!(
             back.send.is_some(),
             "an unchanged list is re-sent after an outage"
         );
+        assert_eq!(p.index(), 7, "and blocking resumes on the remembered index");
         assert!(p.on_failure(0.0).0, "a new outage is reported again");
     }
 

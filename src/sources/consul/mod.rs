@@ -188,7 +188,13 @@ fn check_url(raw: &str) -> Result<String, ConsulError> {
         url: raw.to_owned(),
         reason,
     };
-    let url = reqwest::Url::parse(raw).map_err(|_| bad("is not a URL"))?;
+    // `CONSUL_HTTP_ADDR` is often a bare `host:port`; Consul's own clients read it as http.
+    let full = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("http://{raw}")
+    };
+    let url = reqwest::Url::parse(&full).map_err(|_| bad("is not a URL"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(bad("must start with http:// or https://"));
     }
@@ -370,8 +376,9 @@ mod tests {
             "the token stays out of the message"
         );
         for url in [
-            "127.0.0.1:8500",
             "ftp://h",
+            "unix:///run/consul.sock",
+            "http://",
             "http://h:8500/consul",
             "http://u:p@h",
             "unix:/x",
@@ -412,6 +419,22 @@ mod tests {
                 ConsulWatch::new(&ConsulSource { wait, ..cfg() }),
                 Err(ConsulError::BadWait(_))
             ));
+        }
+    }
+
+    #[test]
+    fn a_bare_host_and_port_means_http() {
+        for (given, used) in [
+            ("127.0.0.1:8500", "http://127.0.0.1:8500"),
+            ("consul.service:8500", "http://consul.service:8500"),
+            ("https://c.example:8501/", "https://c.example:8501"),
+        ] {
+            let w = ConsulWatch::new(&ConsulSource {
+                url: given.into(),
+                ..cfg()
+            })
+            .unwrap();
+            assert_eq!(w.url, used);
         }
     }
 
