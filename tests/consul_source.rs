@@ -335,6 +335,7 @@ impl Write for Logs {
 struct Watcher {
     rx: mpsc::Receiver<upstreamd::sources::SourceUpdate>,
     shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
     logs: Logs,
 }
 
@@ -355,12 +356,17 @@ impl Watcher {
         };
         let shutdown = CancellationToken::new();
         let source = ConsulWatch::new(&cfg).expect("valid consul source config");
-        tokio::spawn(
+        let task = tokio::spawn(
             source
                 .run(Sink::new(key, tx), shutdown.clone())
                 .with_subscriber(subscriber),
         );
-        Self { rx, shutdown, logs }
+        Self {
+            rx,
+            shutdown,
+            task,
+            logs,
+        }
     }
 
     async fn next(&mut self, within: Duration) -> Option<SourceEvent> {
@@ -452,7 +458,8 @@ on_every_lane!(
     registration_and_deregistration_arrive_quickly,
     maintenance_and_failing_checks_are_critical,
     token_is_sent_and_never_logged,
-    a_quiet_service_costs_few_requests
+    a_quiet_service_costs_few_requests,
+    shutdown_ends_a_blocked_query_at_once,
 );
 
 async fn discovery(lane: Lane) {
@@ -727,6 +734,29 @@ async fn a_quiet_service_costs_few_requests(lane: Lane) {
             "the server saw {at_server}, the source logged {sent}"
         );
     }
+}
+
+async fn shutdown_ends_a_blocked_query_at_once(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    reg.register(instance("k1", "10.9.0.1", 7860, &[], json!({})))
+        .await;
+    let mut w = reg.watch(&[], Duration::from_secs(60), None);
+    w.snapshot(5 * SECOND, "k1", has("10.9.0.1:7860")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    w.shutdown.cancel();
+    let task = &mut w.task;
+    match tokio::time::timeout(Duration::from_millis(500), task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => w.fail(&format!("the source task failed: {e}")),
+        Err(_) => w.fail("the source did not stop within 500ms of shutdown"),
+    }
+    println!(
+        "{lane:?}: stopped {:?} after shutdown, mid blocking query",
+        t.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
