@@ -2,16 +2,18 @@
 //!
 //! The loop: ask with `index` and `wait`, remember `X-Consul-Index` (restart from 0 if it
 //! goes backwards, never block on 0), send a snapshot when the parsed list changed, and on
-//! any failure report `Failed` once per outage and retry with capped, jittered backoff. A
-//! token bucket with a 100 ms minimum gap keeps a churning index from becoming a busy loop.
-//! Every request and every sleep races the shutdown token.
+//! any failure report `Failed` once per outage and retry with capped, jittered backoff
+//! (200 ms doubling to 3 s), asking without blocking until an answer comes so that recovery
+//! is seen at once. A token bucket (burst 4, then 2/s) with a 100 ms minimum gap keeps a
+//! churning index from becoming a busy loop. Every request and every sleep races the
+//! shutdown token. The same skipped instance is warned about once, not on every answer.
 //!
 //! # consulrs
 //!
 //! The HTTP side is consulrs 0.1.0: [`ConsulClient`] holds the address, the ACL token (sent
 //! as `X-Consul-Token` by its middleware) and the CA file (`ca_certs`, a PEM bundle added to
 //! the roots of its rustls client); `exec_with_result` returns `X-Consul-Index` with the
-//! body. The request type is ours ([`api::HealthServiceRequest`]). Where consulrs falls
+//! body. The request type is ours (`api::HealthServiceRequest`). Where consulrs falls
 //! short, and what is done instead:
 //!
 //! - No per-request timeout: the call is wrapped in `tokio::time::timeout` of
@@ -45,9 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
 use tracing::subscriber::NoSubscriber;
 
-pub use api::{Check, HealthServiceRequest, Node, Service, ServiceEntry, TagParams};
-pub use blocking::{backoff, next_index, request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
-pub use parse::{parse_entries, registry_state, Parsed, Skipped, META_ATTRIBUTES};
+use api::{HealthServiceRequest, ServiceEntry};
+use blocking::{request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
+use parse::{parse_entries, Skipped};
 
 use super::{Sink, Source};
 use crate::config::ConsulSource;
