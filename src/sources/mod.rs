@@ -135,9 +135,13 @@ pub fn spawn(
             Err(e) => tokio::spawn(async move {
                 // A config the loader let through but the client refuses (an unreadable
                 // ca_file): report it as the source's failure and stay until shutdown.
-                tracing::error!(source = %sink.key().label, error = %e, "Consul source could not start.");
-                if sink.failed(e.to_string()).await {
-                    shutdown.cancelled().await;
+                let key = sink.key();
+                tracing::error!(upstream = %key.upstream, source = %key.label, error = %e, "Consul source could not start.");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    delivered = sink.failed(e.to_string()) => if delivered {
+                        shutdown.cancelled().await;
+                    },
                 }
             }),
         },

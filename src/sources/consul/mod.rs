@@ -301,7 +301,7 @@ impl Source for ConsulWatch {
                         tracing::info!(service = %self.service, failed_requests = out.recovered_after, "Consul answers again.");
                     }
                     if let Some((endpoints, skipped)) = out.send {
-                        if !sink.snapshot(endpoints, skipped).await {
+                        if !until_shutdown(sink.snapshot(endpoints, skipped), &shutdown).await {
                             return;
                         }
                     }
@@ -311,7 +311,7 @@ impl Source for ConsulWatch {
                         progress.on_failure(rand::thread_rng().gen::<f64>());
                     if starts_outage {
                         tracing::warn!(service = %self.service, url = %self.url, %error, "Consul source failed; keeping its last snapshot and retrying.");
-                        if !sink.failed(error.to_string()).await {
+                        if !until_shutdown(sink.failed(error.to_string()), &shutdown).await {
                             return;
                         }
                     } else {
@@ -328,9 +328,25 @@ impl Source for ConsulWatch {
 
 /// Sleeps for `d`; false when shutdown came first.
 async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
+    until_shutdown(
+        async {
+            tokio::time::sleep(d).await;
+            true
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
+/// `step` says to stop (the controller is gone).
+async fn until_shutdown(
+    step: impl std::future::Future<Output = bool>,
+    shutdown: &CancellationToken,
+) -> bool {
     tokio::select! {
         () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(d) => true,
+        go_on = step => go_on,
     }
 }
 
@@ -474,6 +490,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("holds no PEM certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_cannot_start_reports_failed_and_waits_for_shutdown() {
+        let bad = ConsulSource {
+            ca_file: Some(PathBuf::from("/nonexistent/ca.pem")),
+            ..cfg()
+        };
+        let key = crate::sources::SourceKey {
+            upstream: crate::model::UpstreamName::new("kotaemon").unwrap(),
+            index: 0,
+            label: "consul".into(),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let task = crate::sources::spawn(
+            key,
+            &crate::config::SourceConfig::Consul(bad),
+            tx,
+            shutdown.clone(),
+        );
+        let update = rx.recv().await.unwrap();
+        assert!(
+            matches!(update.event, crate::sources::SourceEvent::Failed { error } if error.contains("ca.pem"))
+        );
+        assert!(!task.is_finished());
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[test]
