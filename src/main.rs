@@ -168,7 +168,11 @@ async fn once(cfg: Config, renderer: Renderer, dry_run: bool) -> anyhow::Result<
 }
 
 async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<ExitCode> {
-    nginx::clean_temp_files(&cfg.nginx.output);
+    match nginx::clean_temp_files(&cfg.nginx.output) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "Removed temp files left by an earlier run."),
+        Err(error) => tracing::warn!(%error, "Could not clean leftover temp files."),
+    }
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = mpsc::channel(4);
     let mut term = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;

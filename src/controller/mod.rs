@@ -340,7 +340,7 @@ impl<N: Nginx> Controller<N> {
         if self.dirty {
             self.dirty = false;
             let (text, _) = self.render()?;
-            let on_disk = nginx::read_current(&self.cfg.nginx.output);
+            let on_disk = nginx::read_current(&self.cfg.nginx.output).ok().flatten();
             let changed = on_disk.as_deref() != Some(text.as_bytes());
             self.metrics.inc("upstreamd_renders_total", &[("result", if changed { "changed" } else { "unchanged" })]);
             if !changed {

@@ -1,12 +1,13 @@
-//! Health (temporary until the health module lands).
-/// Probe verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Health {
-    /// Not probed yet.
-    Unknown,
-    /// Healthy.
-    Up,
-    /// Unhealthy.
-    Down,
-}
+//! Active health checks: the pure per-endpoint state machine, one HTTP probe, and the prober
+//! that runs probes on schedule and reports results to the controller.
+//!
+//! The prober keeps no health state: the controller feeds each [`ProbeReport`] into the
+//! endpoint's [`HealthState`] and acts only on the [`Transition`]s it returns.
+
+pub mod probe;
+pub mod prober;
+pub mod state;
+
+pub use probe::{build_client, probe_once, ProbeOutcome};
+pub use prober::{ProbeReport, Prober};
+pub use state::{Health, HealthState, Transition};

@@ -221,6 +221,22 @@ impl Nginx {
         )
     }
 
+    /// Polls until `n` requests spread as `ok` says (old worker generations may answer for a
+    /// moment after a reload), returning that spread.
+    pub fn wait_spread(
+        &self,
+        n: usize,
+        what: &str,
+        ok: impl Fn(&std::collections::BTreeMap<String, usize>) -> bool,
+    ) -> std::collections::BTreeMap<String, usize> {
+        let mut last = Default::default();
+        wait_for(what, Duration::from_secs(10), || {
+            last = self.spread(n);
+            ok(&last)
+        });
+        last
+    }
+
     /// Sends `n` requests for `/` and counts answers per replica name (the stand-in's `GET /`
     /// names its replica); failures count under "error".
     pub fn spread(&self, n: usize) -> std::collections::BTreeMap<String, usize> {
@@ -237,25 +253,37 @@ impl Nginx {
     }
 }
 
+/// The pids of `parent`'s children, from /proc.
+fn children(parent: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let parent = parent.to_string();
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_owned();
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
-        // Workers are killed with their master gone? Not always: find them by parent and kill too.
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            let master = self.child.id().to_string();
-            for e in entries.flatten() {
-                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
-                    if rest.split_whitespace().nth(1) == Some(master.as_str()) {
-                        if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::SIGKILL,
-                            );
-                        }
-                    }
-                }
+        // Workers are found before the master goes: once it is gone they belong to init.
+        let workers = children(self.child.id());
+        let master = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        // SIGTERM: nginx's fast shutdown takes the workers down with the master.
+        if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        kill_and_reap(&mut self.child);
+        for pid in workers {
+            // Already gone in the usual case: then there is nothing to kill.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
     }
 }
@@ -364,6 +392,14 @@ impl Replica {
     /// Switches the failure mode (`healthy`, `error`, `hang`, `slow:<ms>`) via the control file.
     pub fn set_mode(&self, mode: &str) {
         std::fs::write(&self.control, mode).unwrap();
+    }
+
+    /// Switches the mode and waits until `/queue/status` answers `status` (200 or 503).
+    pub fn set_mode_and_wait(&self, mode: &str, status: u16) {
+        self.set_mode(mode);
+        wait_for("the replica to switch mode", Duration::from_secs(5), || {
+            http_get(&self.addr, "/queue/status", Duration::from_secs(1)).is_some_and(|(s, _)| s == status)
+        });
     }
 
     /// Kills the replica abruptly.
