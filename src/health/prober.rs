@@ -1,0 +1,654 @@
+//! The async shell that probes every endpoint on its schedule and sends the results on.
+//!
+//! One task per endpoint: first probe right away (spread a little when many start at once),
+//! then every `interval` ±10%. A shared semaphore bounds the probes in flight, one HTTP client
+//! per upstream keeps connections alive between probes. No health state lives here.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::probe::{build_client, ProbeOutcome, ProbeTarget};
+use crate::config::HealthConfig;
+use crate::model::{Address, UpstreamName};
+
+/// The first probes of endpoints started together are spread over this much per endpoint…
+const FIRST_PROBE_SPREAD_PER_ENDPOINT: Duration = Duration::from_millis(2);
+/// …but over no more than this (nor than the interval), so startup is not held back.
+const MAX_FIRST_PROBE_SPREAD: Duration = Duration::from_millis(200);
+/// A floor under `interval`, so a zero can never turn a task into a busy loop.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Each task probes one endpoint at a time, so one idle connection per endpoint is enough.
+const MAX_IDLE_PER_ENDPOINT: usize = 1;
+
+/// The result of one probe of one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeReport {
+    /// The upstream the endpoint belongs to.
+    pub upstream: UpstreamName,
+    /// The endpoint probed.
+    pub address: Address,
+    /// What the probe found.
+    pub outcome: ProbeOutcome,
+    /// From the start of the probe (connecting included) to its verdict; time spent waiting for
+    /// a concurrency slot is not counted.
+    pub latency: Duration,
+}
+
+/// Runs one probing task per endpoint and sends every result to the controller.
+///
+/// Must be used inside a tokio runtime. Dropping it aborts every task. Reports already in the
+/// channel when an endpoint is removed still arrive: the receiver ignores endpoints it no
+/// longer tracks.
+pub struct Prober {
+    tx: mpsc::Sender<ProbeReport>,
+    permits: Arc<Semaphore>,
+    upstreams: BTreeMap<UpstreamName, Probed>,
+}
+
+/// The probing of one upstream.
+struct Probed {
+    cfg: Arc<HealthConfig>,
+    client: reqwest::Client,
+    tasks: BTreeMap<Address, AbortOnDrop>,
+}
+
+/// A task handle that aborts its task when dropped, so forgetting an endpoint stops its probes.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Prober {
+    /// A prober sending reports to `tx`, with at most `max_concurrent` probes in flight
+    /// (at least 1).
+    pub fn new(tx: mpsc::Sender<ProbeReport>, max_concurrent: usize) -> Self {
+        let permits = max_concurrent.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            tx,
+            permits: Arc::new(Semaphore::new(permits)),
+            upstreams: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the set of probed endpoints of `upstream` equal `addresses`: starts a task for
+    /// each new address (first probe right away), aborts tasks of removed ones, restarts all
+    /// of the upstream's tasks if `cfg` changed. Idempotent. With `cfg.enabled == false`,
+    /// probes nothing.
+    pub fn sync(
+        &mut self,
+        upstream: &UpstreamName,
+        cfg: &HealthConfig,
+        addresses: &BTreeSet<Address>,
+    ) {
+        if !cfg.enabled || addresses.is_empty() {
+            self.remove_upstream(upstream);
+            return;
+        }
+        let probed = match self.upstreams.entry(upstream.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => match build_client(MAX_IDLE_PER_ENDPOINT) {
+                Ok(client) => entry.insert(Probed {
+                    cfg: Arc::new(cfg.clone()),
+                    client,
+                    tasks: BTreeMap::new(),
+                }),
+                Err(e) => {
+                    // Nothing is recorded, so the next sync tries again.
+                    tracing::error!(%upstream, error = %e, "Failed to build the HTTP client for health probes.");
+                    return;
+                }
+            },
+        };
+
+        let restarted = *probed.cfg != *cfg;
+        if restarted {
+            probed.tasks.clear();
+            probed.cfg = Arc::new(cfg.clone());
+        }
+        let before = probed.tasks.len();
+        probed
+            .tasks
+            .retain(|address, _| addresses.contains(address));
+        let stopped = before - probed.tasks.len();
+
+        let new: Vec<&Address> = addresses
+            .iter()
+            .filter(|a| !probed.tasks.contains_key(*a))
+            .collect();
+        let spread = first_probe_spread(new.len(), cfg.interval);
+        for address in &new {
+            let task = Task {
+                upstream: upstream.clone(),
+                address: (*address).clone(),
+                cfg: Arc::clone(&probed.cfg),
+                client: probed.client.clone(),
+                permits: Arc::clone(&self.permits),
+                tx: self.tx.clone(),
+            };
+            let first = rand::thread_rng().gen_range(Duration::ZERO..=spread);
+            probed.tasks.insert(
+                (*address).clone(),
+                AbortOnDrop(tokio::spawn(task.run(first))),
+            );
+        }
+        if restarted || stopped > 0 || !new.is_empty() {
+            tracing::debug!(
+                %upstream, started = new.len(), stopped, restarted, probed = probed.tasks.len(),
+                "Health probes synced."
+            );
+        }
+    }
+
+    /// Stops probing every endpoint of `upstream`.
+    pub fn remove_upstream(&mut self, upstream: &UpstreamName) {
+        if let Some(probed) = self.upstreams.remove(upstream) {
+            tracing::debug!(%upstream, stopped = probed.tasks.len(), "Health probes stopped.");
+        }
+    }
+
+    /// The number of probing tasks still running.
+    pub fn probed(&self) -> usize {
+        self.upstreams
+            .values()
+            .flat_map(|p| p.tasks.values())
+            .filter(|t| !t.0.is_finished())
+            .count()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        // Each task handle aborts its task when dropped.
+        self.upstreams.clear();
+    }
+}
+
+/// Everything one endpoint's task needs, shared with its siblings where possible.
+struct Task {
+    upstream: UpstreamName,
+    address: Address,
+    cfg: Arc<HealthConfig>,
+    client: reqwest::Client,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<ProbeReport>,
+}
+
+impl Task {
+    /// Probes after `first`, then every interval ±10%, until the receiver is gone.
+    async fn run(self, first: Duration) {
+        let target = ProbeTarget::new(&self.address, &self.cfg);
+        let interval = self.cfg.interval.max(MIN_INTERVAL);
+        // One timer, re-armed each round: no allocation per probe.
+        let sleep = tokio::time::sleep(first);
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().await;
+            let due = sleep.deadline();
+            if self.tx.is_closed() {
+                return;
+            }
+            let (outcome, latency) = {
+                let Ok(_permit) = self.permits.acquire().await else {
+                    return; // Never closed; if it were, no probe could run again.
+                };
+                let started = Instant::now();
+                let outcome = match &target {
+                    Ok(target) => target.probe(&self.client, &self.cfg).await,
+                    Err(outcome) => outcome.clone(),
+                };
+                (outcome, started.elapsed())
+            };
+            let report = ProbeReport {
+                upstream: self.upstream.clone(),
+                address: self.address.clone(),
+                outcome,
+                latency,
+            };
+            if self.tx.send(report).await.is_err() {
+                return; // The controller is gone; nobody needs probes any more.
+            }
+            sleep
+                .as_mut()
+                .reset(next_due(due, Instant::now(), jittered(interval)));
+        }
+    }
+}
+
+/// How far apart the first probes of `new` endpoints started at once are spread: a single new
+/// endpoint is probed almost at once, ten thousand do not all fire in the same millisecond.
+fn first_probe_spread(new: usize, interval: Duration) -> Duration {
+    let per_endpoint =
+        FIRST_PROBE_SPREAD_PER_ENDPOINT.saturating_mul(u32::try_from(new).unwrap_or(u32::MAX));
+    per_endpoint.min(MAX_FIRST_PROBE_SPREAD).min(interval)
+}
+
+/// `interval` ±10%, so endpoints started together drift apart instead of firing in lockstep.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::thread_rng().gen_range(0.9..=1.1))
+}
+
+/// When the next probe is due, `period` after the one `due` at the time; if that moment has
+/// already passed (a slow probe, a full channel), `period` from `now`. This is
+/// `MissedTickBehavior::Delay`: a late probe pushes the next ones back, never a burst.
+fn next_due(due: Instant, now: Instant, period: Duration) -> Instant {
+    let next = due + period;
+    if next > now {
+        next
+    } else {
+        now + period
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use axum::{Json, Router};
+    use tokio::sync::mpsc::error::TryRecvError;
+    use tokio::time::{sleep, timeout};
+
+    use super::*;
+    use crate::health::probe::tests::health;
+
+    fn name(s: &str) -> UpstreamName {
+        UpstreamName::new(s).unwrap()
+    }
+
+    /// Kotaemon-like backends on 127.0.0.1 that count the probes in flight.
+    #[derive(Clone, Default)]
+    struct Load {
+        in_flight: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        requests: Arc<AtomicUsize>,
+        delay: Duration,
+    }
+
+    async fn queue_status(State(load): State<Load>) -> Json<serde_json::Value> {
+        load.requests.fetch_add(1, Ordering::SeqCst);
+        let now = load.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        load.most.fetch_max(now, Ordering::SeqCst);
+        sleep(load.delay).await;
+        load.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Json(serde_json::json!({"msg": "estimation", "queue_size": 0}))
+    }
+
+    /// `n` backends, each on its own port, answering `/queue/status` after `delay` and 404
+    /// elsewhere.
+    async fn backends(n: usize, delay: Duration) -> (BTreeSet<Address>, Load) {
+        let load = Load {
+            delay,
+            ..Load::default()
+        };
+        let app = Router::new()
+            .route("/queue/status", get(queue_status))
+            .fallback(|| async {
+                (
+                    StatusCode::NOT_FOUND,
+                    Json(serde_json::json!({"detail": "Not Found"})),
+                )
+            })
+            .with_state(load.clone());
+        let mut addresses = BTreeSet::new();
+        for _ in 0..n {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            addresses.insert(Address::from_parts("127.0.0.1", port).unwrap());
+            let app = app.clone();
+            tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .await
+                .unwrap();
+            });
+        }
+        (addresses, load)
+    }
+
+    fn every(interval_ms: u64) -> HealthConfig {
+        HealthConfig {
+            interval: Duration::from_millis(interval_ms),
+            ..health("/queue/status")
+        }
+    }
+
+    /// A config whose probes fail before any I/O (an invalid Host header), so the schedule
+    /// can be tested without backends.
+    fn unprobeable(interval: Duration) -> HealthConfig {
+        HealthConfig {
+            host: Some("bad\nhost".into()),
+            interval,
+            ..health("/queue/status")
+        }
+    }
+
+    fn fake_addresses(n: u16) -> BTreeSet<Address> {
+        (1..=n)
+            .map(|port| Address::from_parts("127.0.0.1", port).unwrap())
+            .collect()
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<ProbeReport>) -> ProbeReport {
+        timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a report within 5 s")
+            .expect("the prober is alive")
+    }
+
+    /// Every report received during `period`, counted per address.
+    async fn collect(
+        rx: &mut mpsc::Receiver<ProbeReport>,
+        period: Duration,
+    ) -> BTreeMap<Address, usize> {
+        let mut seen = BTreeMap::new();
+        let end = Instant::now() + period;
+        while let Ok(Some(report)) = tokio::time::timeout_at(end, rx.recv()).await {
+            *seen.entry(report.address).or_default() += 1;
+        }
+        seen
+    }
+
+    fn drain_now(rx: &mut mpsc::Receiver<ProbeReport>) {
+        while rx.try_recv().is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn sync_starts_one_task_per_address_and_the_first_reports_arrive_promptly() {
+        let (addresses, _) = backends(3, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        let started = Instant::now();
+        prober.sync(&name("kotaemon"), &every(10_000), &addresses);
+        assert_eq!(prober.probed(), 3);
+        let mut reported = BTreeSet::new();
+        for _ in 0..3 {
+            let report = next(&mut rx).await;
+            assert_eq!(report.upstream, name("kotaemon"));
+            assert_eq!(report.outcome, ProbeOutcome::Ok);
+            assert!(report.latency < Duration::from_secs(1));
+            reported.insert(report.address);
+        }
+        assert_eq!(reported, addresses);
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn sync_with_the_same_arguments_changes_nothing() {
+        let (addresses, load) = backends(2, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(10_000), &addresses);
+        next(&mut rx).await;
+        next(&mut rx).await;
+        prober.sync(&name("kotaemon"), &every(10_000), &addresses);
+        assert_eq!(prober.probed(), 2);
+        assert!(collect(&mut rx, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert_eq!(load.requests.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn removing_an_address_stops_its_reports() {
+        let (addresses, _) = backends(2, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(100), &addresses);
+        let before = collect(&mut rx, Duration::from_millis(350)).await;
+        assert_eq!(before.len(), 2, "{before:?}");
+
+        let kept: BTreeSet<Address> = addresses.iter().take(1).cloned().collect();
+        prober.sync(&name("kotaemon"), &every(100), &kept);
+        assert_eq!(prober.probed(), 1);
+        drain_now(&mut rx);
+        let after = collect(&mut rx, Duration::from_millis(500)).await;
+        assert_eq!(
+            after.keys().cloned().collect::<BTreeSet<_>>(),
+            kept,
+            "{after:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_config_change_restarts_the_tasks() {
+        let (addresses, _) = backends(2, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(10_000), &addresses);
+        assert_eq!(next(&mut rx).await.outcome, ProbeOutcome::Ok);
+        assert_eq!(next(&mut rx).await.outcome, ProbeOutcome::Ok);
+
+        // Real Kotaemon has no /health: the restarted tasks probe the new path at once.
+        let changed = HealthConfig {
+            path: "/health".into(),
+            ..every(10_000)
+        };
+        prober.sync(&name("kotaemon"), &changed, &addresses);
+        assert_eq!(prober.probed(), 2);
+        let mut reported = BTreeSet::new();
+        for _ in 0..2 {
+            let report = next(&mut rx).await;
+            assert_eq!(report.outcome, ProbeOutcome::BadStatus(404));
+            reported.insert(report.address);
+        }
+        assert_eq!(reported, addresses);
+    }
+
+    #[tokio::test]
+    async fn reports_keep_flowing_at_about_the_interval() {
+        let (addresses, _) = backends(1, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(100), &addresses);
+        let mut at = Vec::new();
+        let end = Instant::now() + Duration::from_millis(1050);
+        while let Ok(Some(report)) = tokio::time::timeout_at(end, rx.recv()).await {
+            assert_eq!(report.outcome, ProbeOutcome::Ok);
+            at.push(Instant::now());
+        }
+        // One right away, then one every 90–110 ms: 10 or 11 in 1.05 s, give or take a
+        // scheduling hiccup on a busy machine.
+        assert!((8..=12).contains(&at.len()), "{} reports", at.len());
+        let mut gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort();
+        let median = gaps[gaps.len() / 2];
+        assert!(
+            (Duration::from_millis(85)..=Duration::from_millis(125)).contains(&median),
+            "median gap {median:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn first_probes_of_many_new_endpoints_are_spread_but_prompt() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut prober = Prober::new(tx, 1000);
+        let started = Instant::now();
+        prober.sync(
+            &name("kotaemon"),
+            &unprobeable(Duration::from_secs(10)),
+            &fake_addresses(500),
+        );
+        assert_eq!(prober.probed(), 500);
+        let mut millis = BTreeSet::new();
+        for _ in 0..500 {
+            let report = next(&mut rx).await;
+            assert!(
+                matches!(report.outcome, ProbeOutcome::Error(_)),
+                "{report:?}"
+            );
+            millis.insert((Instant::now() - started).as_millis());
+        }
+        let last = *millis.last().unwrap();
+        // 200 ms of spread, plus slack for a busy machine.
+        assert!(last <= 400, "the last first probe came after {last} ms");
+        // Without the spread, all 500 would come within a few milliseconds.
+        assert!(
+            millis.len() > 50,
+            "only {} distinct milliseconds",
+            millis.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_semaphore_bounds_concurrent_probes() {
+        let (addresses, load) = backends(12, Duration::from_millis(50)).await;
+        let (tx, mut rx) = mpsc::channel(256);
+        let mut prober = Prober::new(tx, 3);
+        prober.sync(&name("kotaemon"), &every(100), &addresses);
+        let seen = collect(&mut rx, Duration::from_millis(800)).await;
+        assert_eq!(seen.len(), 12, "every endpoint gets its turn: {seen:?}");
+        // Twelve endpoints want to be probed at once; three may be.
+        assert_eq!(load.most.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn disabled_health_probes_nothing() {
+        let (addresses, load) = backends(2, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(100), &addresses);
+        next(&mut rx).await;
+
+        let disabled = HealthConfig {
+            enabled: false,
+            ..every(100)
+        };
+        prober.sync(&name("kotaemon"), &disabled, &addresses);
+        assert_eq!(prober.probed(), 0);
+        // A request already on the wire when its task was aborted may still reach the server.
+        sleep(Duration::from_millis(50)).await;
+        drain_now(&mut rx);
+        let requests = load.requests.load(Ordering::SeqCst);
+        assert!(collect(&mut rx, Duration::from_millis(300))
+            .await
+            .is_empty());
+        assert_eq!(load.requests.load(Ordering::SeqCst), requests);
+    }
+
+    #[tokio::test]
+    async fn removing_an_upstream_stops_only_its_probes() {
+        let (addresses, _) = backends(2, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(100), &addresses);
+        prober.sync(&name("other"), &every(100), &addresses);
+        assert_eq!(prober.probed(), 4);
+        prober.remove_upstream(&name("kotaemon"));
+        assert_eq!(prober.probed(), 2);
+        drain_now(&mut rx);
+        let end = Instant::now() + Duration::from_millis(300);
+        let mut reports = 0;
+        while let Ok(Some(report)) = tokio::time::timeout_at(end, rx.recv()).await {
+            assert_eq!(report.upstream, name("other"));
+            reports += 1;
+        }
+        assert!(reports >= 2);
+    }
+
+    #[tokio::test]
+    async fn tasks_end_quietly_when_the_receiver_is_gone() {
+        let (addresses, _) = backends(2, Duration::ZERO).await;
+        let (tx, rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(50), &addresses);
+        drop(rx);
+        timeout(Duration::from_secs(2), async {
+            while prober.probed() > 0 {
+                sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every task ends");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_prober_aborts_every_task() {
+        let (addresses, _) = backends(3, Duration::ZERO).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.sync(&name("kotaemon"), &every(50), &addresses);
+        next(&mut rx).await;
+        drop(prober);
+        drain_now(&mut rx);
+        // Every sender lived in the prober or its tasks: the channel closes once they are gone.
+        let closed = timeout(Duration::from_secs(1), async {
+            loop {
+                match rx.try_recv() {
+                    Err(TryRecvError::Disconnected) => return,
+                    Ok(_) | Err(TryRecvError::Empty) => sleep(Duration::from_millis(5)).await,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a task is still running");
+    }
+
+    #[test]
+    fn the_first_probe_of_a_single_new_endpoint_is_prompt() {
+        assert!(first_probe_spread(1, Duration::from_secs(2)) <= Duration::from_millis(50));
+        assert_eq!(
+            first_probe_spread(0, Duration::from_secs(2)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn first_probes_of_many_spread_over_at_most_200ms_or_the_interval() {
+        assert_eq!(
+            first_probe_spread(10_000, Duration::from_secs(1)),
+            MAX_FIRST_PROBE_SPREAD
+        );
+        assert_eq!(
+            first_probe_spread(10_000, Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            first_probe_spread(usize::MAX, Duration::from_secs(1)),
+            MAX_FIRST_PROBE_SPREAD
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let interval = Duration::from_secs(1);
+        for _ in 0..1000 {
+            let j = jittered(interval);
+            assert!(
+                (Duration::from_millis(900)..=Duration::from_millis(1100)).contains(&j),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_late_probe_pushes_the_next_one_back_instead_of_bursting() {
+        let due = Instant::now();
+        let period = Duration::from_secs(1);
+        assert_eq!(
+            next_due(due, due + Duration::from_millis(30), period),
+            due + period
+        );
+        let late = due + Duration::from_millis(2500);
+        assert_eq!(next_due(due, late, period), late + period);
+    }
+}

@@ -1,0 +1,279 @@
+//! The health state machine of one endpoint: pure hysteresis, no I/O and no clock.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// What upstreamd believes about an endpoint, from its own probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// No probe result yet. Never treated as healthy by default.
+    Unknown,
+    /// Probes pass.
+    Up,
+    /// Probes fail.
+    Down,
+}
+
+impl Health {
+    /// The lower-case name, as serialized: `unknown`, `up` or `down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A change of [`Health`]; the only thing that should be logged or counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    /// The health before the observation.
+    pub from: Health,
+    /// The health after it; never `Unknown`, never equal to `from`.
+    pub to: Health,
+}
+
+/// Hysteresis over the probe results of one endpoint. Starts [`Health::Unknown`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthState {
+    health: Health,
+    last_ok: bool,
+    streak: u32,
+}
+
+impl Default for HealthState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HealthState {
+    /// A state with no observation yet: `Unknown`, empty streak.
+    pub fn new() -> Self {
+        Self {
+            health: Health::Unknown,
+            last_ok: false,
+            streak: 0,
+        }
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Feeds one probe result.
+    ///
+    /// The first result decides Unknown → Up/Down; afterwards `rise` consecutive successes
+    /// flip Down → Up and `fall` consecutive failures flip Up → Down. Returns the transition,
+    /// if any. A `rise` or `fall` of 0 counts as 1.
+    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        if self.streak > 0 && self.last_ok == ok {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.last_ok = ok;
+            self.streak = 1;
+        }
+        let to = match (self.health, ok) {
+            (Health::Unknown, true) => Health::Up,
+            (Health::Unknown, false) => Health::Down,
+            (Health::Down, true) if self.streak >= rise.max(1) => Health::Up,
+            (Health::Up, false) if self.streak >= fall.max(1) => Health::Down,
+            (same, _) => same,
+        };
+        if to == self.health {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.health, to);
+        Some(Transition { from, to })
+    }
+
+    /// The last result and how many results in a row were the same, for /status and logs.
+    /// `(false, 0)` before the first observation.
+    pub fn streak(&self) -> (bool, u32) {
+        (self.last_ok, self.streak)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const RISE: u32 = 2;
+    const FALL: u32 = 3;
+
+    fn after(results: &[bool]) -> HealthState {
+        let mut s = HealthState::new();
+        for &ok in results {
+            s.observe(ok, RISE, FALL);
+        }
+        s
+    }
+
+    #[test]
+    fn starts_unknown_with_an_empty_streak() {
+        let s = HealthState::new();
+        assert_eq!(s.health(), Health::Unknown);
+        assert_eq!(s.streak(), (false, 0));
+    }
+
+    #[test]
+    fn first_result_decides_unknown() {
+        let mut up = HealthState::new();
+        assert_eq!(
+            up.observe(true, RISE, FALL),
+            Some(Transition {
+                from: Health::Unknown,
+                to: Health::Up
+            })
+        );
+        let mut down = HealthState::new();
+        assert_eq!(
+            down.observe(false, RISE, FALL),
+            Some(Transition {
+                from: Health::Unknown,
+                to: Health::Down
+            })
+        );
+    }
+
+    #[test]
+    fn flips_down_after_fall_consecutive_failures() {
+        let mut s = after(&[true, false, false]);
+        assert_eq!(s.health(), Health::Up);
+        assert_eq!(
+            s.observe(false, RISE, FALL),
+            Some(Transition {
+                from: Health::Up,
+                to: Health::Down
+            })
+        );
+        assert_eq!(s.streak(), (false, 3));
+    }
+
+    #[test]
+    fn flips_up_after_rise_consecutive_successes() {
+        let mut s = after(&[false, true]);
+        assert_eq!(s.health(), Health::Down);
+        assert_eq!(
+            s.observe(true, RISE, FALL),
+            Some(Transition {
+                from: Health::Down,
+                to: Health::Up
+            })
+        );
+    }
+
+    #[test]
+    fn a_single_failure_below_fall_changes_nothing() {
+        let mut s = after(&[true, true]);
+        assert_eq!(s.observe(false, RISE, FALL), None);
+        assert_eq!(s.health(), Health::Up);
+        assert_eq!(s.streak(), (false, 1));
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let s = after(&[true, false, false, true, false, false]);
+        assert_eq!(s.health(), Health::Up);
+        assert_eq!(s.streak(), (false, 2));
+    }
+
+    #[test]
+    fn further_failures_after_the_flip_report_nothing() {
+        let mut s = after(&[true, false, false, false]);
+        assert_eq!(s.observe(false, RISE, FALL), None);
+        assert_eq!(s.health(), Health::Down);
+        assert_eq!(s.streak(), (false, 4));
+    }
+
+    #[test]
+    fn rise_and_fall_of_zero_act_as_one() {
+        let mut s = HealthState::new();
+        s.observe(true, 0, 0);
+        assert_eq!(s.observe(false, 0, 0).map(|t| t.to), Some(Health::Down));
+        assert_eq!(s.observe(true, 0, 0).map(|t| t.to), Some(Health::Up));
+    }
+
+    #[test]
+    fn displays_and_serializes_in_snake_case() {
+        assert_eq!(Health::Unknown.to_string(), "unknown");
+        assert_eq!(serde_json::to_string(&Health::Down).unwrap(), "\"down\"");
+        let t = Transition {
+            from: Health::Up,
+            to: Health::Down,
+        };
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"from":"up","to":"down"}"#
+        );
+    }
+
+    /// How many results at the end of `results` equal its last one.
+    fn trailing_run(results: &[bool]) -> u32 {
+        match results.last() {
+            None => 0,
+            Some(&last) => results.iter().rev().take_while(|&&r| r == last).count() as u32,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn transitions_follow_the_hysteresis_rules(
+            rise in 1u32..6,
+            fall in 1u32..6,
+            results in proptest::collection::vec(any::<bool>(), 0..80),
+        ) {
+            let mut s = HealthState::new();
+            for (i, &ok) in results.iter().enumerate() {
+                let before = s.health();
+                let seen = &results[..=i];
+                let run = trailing_run(seen);
+                let t = s.observe(ok, rise, fall);
+                let now = s.health();
+
+                // The step reports exactly the change it made, and never returns to Unknown.
+                prop_assert_eq!(t.is_some(), before != now);
+                prop_assert_ne!(now, Health::Unknown);
+                if let Some(t) = t {
+                    prop_assert_eq!((t.from, t.to), (before, now));
+                }
+                prop_assert_eq!(s.streak(), (ok, run));
+
+                match t {
+                    Some(Transition { from: Health::Unknown, to }) => {
+                        prop_assert_eq!(i, 0);
+                        prop_assert_eq!(to == Health::Up, ok);
+                    }
+                    // Down only at the end of at least `fall` consecutive failures.
+                    Some(Transition { to: Health::Down, .. }) => {
+                        prop_assert!(!ok && run >= fall);
+                    }
+                    // Up only after at least `rise` consecutive successes.
+                    Some(Transition { to: Health::Up, .. }) => {
+                        prop_assert!(ok && run >= rise);
+                    }
+                    _ => {}
+                }
+
+                // And the flips are not late: a full run always decides.
+                if !ok && run >= fall {
+                    prop_assert_eq!(now, Health::Down);
+                }
+                if ok && run >= rise {
+                    prop_assert_eq!(now, Health::Up);
+                }
+            }
+        }
+    }
+}
