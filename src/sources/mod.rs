@@ -3,6 +3,7 @@
 //! A source never sends deltas and never sends an empty set because it failed: on error it
 //! sends `Failed`, and the controller keeps its last good snapshot, marked stale.
 
+pub mod etcd;
 pub mod static_list;
 
 use std::future::Future;
@@ -116,7 +117,22 @@ pub fn spawn(
     let sink = Sink::new(key, tx);
     match cfg {
         SourceConfig::Static(s) => tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown)),
-        SourceConfig::Consul(_) | SourceConfig::Etcd(_) => tokio::spawn(async move {
+        SourceConfig::Etcd(c) => match etcd::EtcdWatch::new(c) {
+            Ok(watch) => tokio::spawn(watch.run(sink, shutdown)),
+            Err(e) => tokio::spawn(async move {
+                // A config the loader let through but the source refuses (an unreadable
+                // ca_file): report it as the source's failure and stay until shutdown.
+                let key = sink.key();
+                tracing::error!(upstream = %key.upstream, source = %key.label, error = %e, "etcd source could not start.");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    delivered = sink.failed(e.to_string()) => if delivered {
+                        shutdown.cancelled().await;
+                    },
+                }
+            }),
+        },
+        SourceConfig::Consul(_) => tokio::spawn(async move {
             // Placeholder until the registry sources land: report a failure so the
             // controller never renders from an absent registry.
             let _delivered = sink.failed("this source kind is not built yet").await;
