@@ -55,7 +55,10 @@ pub struct UpstreamName(String);
 impl UpstreamName {
     /// Validates `s` as an upstream name.
     pub fn new(s: &str) -> Result<Self, ValueError> {
-        if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             Ok(Self(s.to_owned()))
         } else {
             Err(ValueError::BadName(s.to_owned()))
@@ -129,7 +132,10 @@ impl Address {
         if port == 0 {
             return Err(ValueError::BadPort(whole));
         }
-        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         let host = if let Ok(v4) = bare.parse::<Ipv4Addr>() {
             Host::V4(v4)
         } else if let Ok(v6) = bare.parse::<Ipv6Addr>() {
@@ -159,7 +165,10 @@ impl FromStr for Address {
             let ip = v6
                 .parse::<Ipv6Addr>()
                 .map_err(|_| ValueError::BadAddress(s.to_owned()))?;
-            return Ok(Self { host: Host::V6(ip), port: parse_port(port, s)? });
+            return Ok(Self {
+                host: Host::V6(ip),
+                port: parse_port(port, s)?,
+            });
         }
         let (host, port) = s
             .rsplit_once(':')
@@ -213,7 +222,12 @@ pub struct ServerAttrs {
 /// Checks a number against its range, returning it as `u32`.
 pub fn check_range(field: &'static str, value: i64, min: u64, max: u64) -> Result<u64, ValueError> {
     if value < 0 || (value as u64) < min || (value as u64) > max {
-        return Err(ValueError::OutOfRange { field, value: value.to_string(), min, max });
+        return Err(ValueError::OutOfRange {
+            field,
+            value: value.to_string(),
+            min,
+            max,
+        });
     }
     Ok(value as u64)
 }
@@ -227,7 +241,9 @@ impl ServerAttrs {
     pub fn set(&mut self, key: &str, v: &serde_json::Value) -> Result<(), ValueError> {
         match key {
             "weight" => self.weight = Some(json_u64("weight", v, 1, MAX_WEIGHT as u64)? as u32),
-            "max_fails" => self.max_fails = Some(json_u64("max_fails", v, 0, MAX_FAILS as u64)? as u32),
+            "max_fails" => {
+                self.max_fails = Some(json_u64("max_fails", v, 0, MAX_FAILS as u64)? as u32)
+            }
             "fail_timeout" => self.fail_timeout = Some(json_secs(v)?),
             "backup" => self.backup = json_bool("backup", v)?,
             "down" => self.down = json_bool("down", v)?,
@@ -237,7 +253,12 @@ impl ServerAttrs {
     }
 }
 
-fn json_u64(field: &'static str, v: &serde_json::Value, min: u64, max: u64) -> Result<u64, ValueError> {
+fn json_u64(
+    field: &'static str,
+    v: &serde_json::Value,
+    min: u64,
+    max: u64,
+) -> Result<u64, ValueError> {
     let n = match v {
         serde_json::Value::Number(n) => n.as_i64(),
         serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
@@ -247,7 +268,12 @@ fn json_u64(field: &'static str, v: &serde_json::Value, min: u64, max: u64) -> R
     };
     match n {
         Some(n) => check_range(field, n, min, max),
-        None => Err(ValueError::OutOfRange { field, value: v.to_string(), min, max }),
+        None => Err(ValueError::OutOfRange {
+            field,
+            value: v.to_string(),
+            min,
+            max,
+        }),
     }
 }
 
@@ -280,7 +306,10 @@ fn json_bool(field: &'static str, v: &serde_json::Value) -> Result<bool, ValueEr
         serde_json::Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
         serde_json::Value::String(s) if matches!(s.as_str(), "true" | "1") => Ok(true),
         serde_json::Value::String(s) if matches!(s.as_str(), "false" | "0") => Ok(false),
-        other => Err(ValueError::WrongType { field, detail: format!("expected true/false or 0/1, found {other}") }),
+        other => Err(ValueError::WrongType {
+            field,
+            detail: format!("expected true/false or 0/1, found {other}"),
+        }),
     }
 }
 
@@ -310,7 +339,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// A passing endpoint with no attributes.
     pub fn plain(address: Address, origin: impl Into<String>) -> Self {
-        Self { address, attrs: ServerAttrs::default(), registry: RegistryState::Passing, origin: origin.into() }
+        Self {
+            address,
+            attrs: ServerAttrs::default(),
+            registry: RegistryState::Passing,
+            origin: origin.into(),
+        }
     }
 }
 
@@ -323,7 +357,10 @@ mod tests {
         for s in ["10.0.0.1:7860", "[::1]:80", "kotaemon-1.internal:7860"] {
             assert_eq!(s.parse::<Address>().unwrap().to_string(), s);
         }
-        assert_eq!("[fe80:0:0::1]:80".parse::<Address>().unwrap().to_string(), "[fe80::1]:80");
+        assert_eq!(
+            "[fe80:0:0::1]:80".parse::<Address>().unwrap().to_string(),
+            "[fe80::1]:80"
+        );
     }
 
     #[test]
@@ -363,7 +400,10 @@ mod tests {
         a.set("down", &serde_json::json!(1)).unwrap();
         a.set("fail_timeout", &serde_json::json!("10s")).unwrap();
         a.set("max_fails", &serde_json::json!(2)).unwrap();
-        assert_eq!((a.weight, a.down, a.fail_timeout, a.max_fails), (Some(3), true, Some(10), Some(2)));
+        assert_eq!(
+            (a.weight, a.down, a.fail_timeout, a.max_fails),
+            (Some(3), true, Some(10), Some(2))
+        );
         assert!(a.set("weight", &serde_json::json!("3; include x")).is_err());
         assert!(a.set("weight", &serde_json::json!(0)).is_err());
         assert!(a.set("weight", &serde_json::json!(-1)).is_err());

@@ -20,13 +20,19 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// Parses config text; `env` looks up environment variables (`CONSUL_HTTP_ADDR`, …).
 pub fn parse(_text: &str, _env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-    Err(ConfigErrors(vec![ConfigError { path: String::new(), message: "config parsing is being written".into() }]))
+    Err(ConfigErrors(vec![ConfigError {
+        path: String::new(),
+        message: "config parsing is being written".into(),
+    }]))
 }
 
 /// Reads and parses a config file, with the process environment.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError { path: String::new(), message: format!("failed to read `{}`: {e}", path.display()) }])
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("failed to read `{}`: {e}", path.display()),
+        }])
     })?;
     parse(&text, &|k| std::env::var(k).ok())
 }

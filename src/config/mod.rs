@@ -78,7 +78,10 @@ pub enum Balance {
 impl Balance {
     /// Whether nginx refuses `backup` servers with this method.
     pub fn forbids_backup(self) -> bool {
-        matches!(self, Balance::IpHash | Balance::Hash | Balance::Random | Balance::Sticky)
+        matches!(
+            self,
+            Balance::IpHash | Balance::Hash | Balance::Random | Balance::Sticky
+        )
     }
 }
 

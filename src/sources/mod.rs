@@ -74,16 +74,26 @@ impl Sink {
 
     /// Reports a full snapshot. Returns false when the controller is gone.
     pub async fn snapshot(&self, endpoints: Vec<Endpoint>, skipped: usize) -> bool {
-        self.send(SourceEvent::Snapshot { endpoints, skipped }).await
+        self.send(SourceEvent::Snapshot { endpoints, skipped })
+            .await
     }
 
     /// Reports a failure. Returns false when the controller is gone.
     pub async fn failed(&self, error: impl Into<String>) -> bool {
-        self.send(SourceEvent::Failed { error: error.into() }).await
+        self.send(SourceEvent::Failed {
+            error: error.into(),
+        })
+        .await
     }
 
     async fn send(&self, event: SourceEvent) -> bool {
-        self.tx.send(SourceUpdate { key: self.key.clone(), event }).await.is_ok()
+        self.tx
+            .send(SourceUpdate {
+                key: self.key.clone(),
+                event,
+            })
+            .await
+            .is_ok()
     }
 }
 
@@ -96,7 +106,8 @@ pub trait Source: Send + 'static {
 /// The metric labels of an upstream's sources, in order: the kind, or `kind#N` (N from 1)
 /// when the upstream has several sources of that kind.
 pub fn labels(sources: &[SourceConfig]) -> Vec<String> {
-    let count = |upto: &[SourceConfig], kind: &str| upto.iter().filter(|o| o.kind() == kind).count();
+    let count =
+        |upto: &[SourceConfig], kind: &str| upto.iter().filter(|o| o.kind() == kind).count();
     sources
         .iter()
         .enumerate()
@@ -116,7 +127,9 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let sink = Sink::new(key, tx);
     match cfg {
-        SourceConfig::Static(s) => tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown)),
+        SourceConfig::Static(s) => {
+            tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown))
+        }
         SourceConfig::Etcd(c) => match etcd::EtcdWatch::new(c) {
             Ok(watch) => tokio::spawn(watch.run(sink, shutdown)),
             Err(e) => tokio::spawn(async move {

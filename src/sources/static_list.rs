@@ -15,7 +15,9 @@ pub struct StaticList {
 impl StaticList {
     /// The list from its (already validated) config.
     pub fn new(cfg: &StaticSource) -> Self {
-        Self { servers: cfg.servers.clone() }
+        Self {
+            servers: cfg.servers.clone(),
+        }
     }
 }
 
