@@ -20,14 +20,33 @@ struct Setup {
 }
 
 fn setup(n: usize) -> Setup {
-    let replicas: Vec<Replica> = ["alpha", "bravo", "charlie"][..n].iter().map(|name| Replica::start(name)).collect();
+    let replicas: Vec<Replica> = ["alpha", "bravo", "charlie"][..n]
+        .iter()
+        .map(|name| Replica::start(name))
+        .collect();
     let nginx = Nginx::start("kotaemon");
     let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = static_config(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>(), "", "")
-        .replace("[[upstream]]", &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"));
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    )
+    .replace(
+        "[[upstream]]",
+        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
+    );
     let daemon = Daemon::start(&cfg);
-    wait_for("readyz", SHORT, || matches!(http_get(&admin, "/readyz", SHORT), Some((200, _))));
-    Setup { replicas, nginx, daemon, admin }
+    wait_for("readyz", SHORT, || {
+        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
+    });
+    Setup {
+        replicas,
+        nginx,
+        daemon,
+        admin,
+    }
 }
 
 fn get(admin: &str, path: &str) -> (u16, String) {
@@ -71,20 +90,42 @@ fn admin_endpoints_report_state_metrics_and_transitions() {
         assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
     }
     for r in &s.replicas {
-        assert!(!metrics.contains(&r.addr), "an address leaked into a label: {}", r.addr);
+        assert!(
+            !metrics.contains(&r.addr),
+            "an address leaked into a label: {}",
+            r.addr
+        );
     }
 
     s.replicas[0].set_mode("error");
     wait_for("alpha down in /status", SHORT, || {
-        status(&s.admin)["upstreams"][0]["endpoints"].as_array().unwrap().iter().any(|e| e["rendered"] == "down")
+        status(&s.admin)["upstreams"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["rendered"] == "down")
     });
     let st = status(&s.admin);
-    let alpha = st["upstreams"][0]["endpoints"].as_array().unwrap().iter().find(|e| e["rendered"] == "down").unwrap().clone();
+    let alpha = st["upstreams"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["rendered"] == "down")
+        .unwrap()
+        .clone();
     assert_eq!(alpha["address"], s.replicas[0].addr.as_str());
     assert_eq!(alpha["last_probe"]["detail"], "status 503");
-    assert!(alpha["last_transition"]["why"].as_str().unwrap().contains("consecutive failed probes"), "{alpha}");
+    assert!(
+        alpha["last_transition"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("consecutive failed probes"),
+        "{alpha}"
+    );
     wait_for("the transition metric", SHORT, || {
-        get(&s.admin, "/metrics").1.contains("upstreamd_health_transitions_total{upstream=\"kotaemon\",to=\"unhealthy\"} 1\n")
+        get(&s.admin, "/metrics").1.contains(
+            "upstreamd_health_transitions_total{upstream=\"kotaemon\",to=\"unhealthy\"} 1\n",
+        )
     });
 }
 
@@ -95,27 +136,50 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     wait_for("first reload", SHORT, || s.nginx.reloads() == 1);
     let third = Replica::start("charlie");
     let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
-    let grown = cfg.replace(&format!("\"{}\"]", s.replicas[1].addr), &format!("\"{}\", \"{}\"]", s.replicas[1].addr, third.addr));
+    let grown = cfg.replace(
+        &format!("\"{}\"]", s.replicas[1].addr),
+        &format!("\"{}\", \"{}\"]", s.replicas[1].addr, third.addr),
+    );
     assert_ne!(grown, cfg);
     std::fs::write(&s.daemon.config, &grown).unwrap();
     s.daemon.signal(Signal::SIGHUP);
-    wait_for("charlie rendered", SHORT, || s.nginx.rendered().contains(&format!("server {};", third.addr)));
+    wait_for("charlie rendered", SHORT, || {
+        s.nginx
+            .rendered()
+            .contains(&format!("server {};", third.addr))
+    });
     wait_for("second reload", SHORT, || s.nginx.reloads() == 2);
     let before = s.nginx.rendered();
 
-    std::fs::write(&s.daemon.config, grown.replace("interval = \"200ms\"", "interval = 5")).unwrap();
+    std::fs::write(
+        &s.daemon.config,
+        grown.replace("interval = \"200ms\"", "interval = 5"),
+    )
+    .unwrap();
     s.daemon.signal(Signal::SIGHUP);
-    wait_for("the refusal", SHORT, || s.daemon.output.text().contains("Refusing the new config"));
-    assert!(s.daemon.output.text().contains("upstream[0].health.interval"));
+    wait_for("the refusal", SHORT, || {
+        s.daemon.output.text().contains("Refusing the new config")
+    });
+    assert!(s
+        .daemon
+        .output
+        .text()
+        .contains("upstream[0].health.interval"));
     std::thread::sleep(Duration::from_millis(500));
     assert!(s.daemon.alive());
     assert_eq!(s.nginx.rendered(), before);
     assert_eq!(s.nginx.reloads(), 2);
-    assert_eq!(get(&s.admin, "/readyz").0, 200, "the running config stays in force");
+    assert_eq!(
+        get(&s.admin, "/readyz").0,
+        200,
+        "the running config stays in force"
+    );
 }
 
 fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
 }
 
 fn browser(args: &[&str], url: &str) -> String {
@@ -150,20 +214,41 @@ fn the_status_page_shows_endpoints_in_a_real_browser() {
     let url = format!("http://{}/", s.admin);
     let dom = browser(&["--dump-dom"], &url);
     for r in &s.replicas {
-        assert!(dom.contains(&format!("data-address=\"{}\" data-rendered=\"up\"", r.addr)), "{dom}");
+        assert!(
+            dom.contains(&format!("data-address=\"{}\" data-rendered=\"up\"", r.addr)),
+            "{dom}"
+        );
     }
-    assert!(dom.contains("http-equiv=\"refresh\""), "the page refreshes itself");
+    assert!(
+        dom.contains("http-equiv=\"refresh\""),
+        "the page refreshes itself"
+    );
 
     s.replicas[2].set_mode("error");
-    wait_for("charlie down", SHORT, || s.nginx.rendered().contains(" down;"));
+    wait_for("charlie down", SHORT, || {
+        s.nginx.rendered().contains(" down;")
+    });
     let dom = browser(&["--dump-dom"], &url);
-    assert!(dom.contains(&format!("data-address=\"{}\" data-rendered=\"down\"", s.replicas[2].addr)), "{dom}");
+    assert!(
+        dom.contains(&format!(
+            "data-address=\"{}\" data-rendered=\"down\"",
+            s.replicas[2].addr
+        )),
+        "{dom}"
+    );
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     let shot = dir.join("status-page.png");
     let _ = std::fs::remove_file(&shot);
-    browser(&[&format!("--screenshot={}", shot.display()), "--window-size=1280,720", "--hide-scrollbars"], &url);
+    browser(
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,720",
+            "--hide-scrollbars",
+        ],
+        &url,
+    );
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(size > 10_000, "a screenshot was taken ({size} bytes)");
     eprintln!("figure: status page screenshot at {}", shot.display());

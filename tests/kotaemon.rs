@@ -22,11 +22,21 @@ impl SiteNginx {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         let port = free_port();
-        let site = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nginx/kotaemon-site.conf"))
-            .unwrap()
-            .replace("listen 127.0.0.1:8080;", &format!("listen 127.0.0.1:{port};"));
+        let site = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/nginx/kotaemon-site.conf"
+        ))
+        .unwrap()
+        .replace(
+            "listen 127.0.0.1:8080;",
+            &format!("listen 127.0.0.1:{port};"),
+        );
         std::fs::write(dir.path().join("conf/kotaemon-site.conf"), site).unwrap();
-        let user = if nix::unistd::geteuid().is_root() { "user root;" } else { "" };
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root;"
+        } else {
+            ""
+        };
         std::fs::write(
             dir.path().join("conf/nginx.conf"),
             format!(
@@ -37,7 +47,11 @@ impl SiteNginx {
             ),
         )
         .unwrap();
-        Self { dir, port, child: None }
+        Self {
+            dir,
+            port,
+            child: None,
+        }
     }
 
     fn conf(&self) -> String {
@@ -56,7 +70,8 @@ impl SiteNginx {
             d = self.conf()
         );
         let (_dir, path) = write_config(&cfg);
-        let (code, stdout, stderr) = upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
+        let (code, stdout, stderr) =
+            upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
         assert_eq!(code, 0, "{stderr}");
         let mut text = stdout;
         if balance != "sticky" {
@@ -67,19 +82,31 @@ impl SiteNginx {
     }
 
     fn test(&self) -> std::process::Output {
-        Command::new("nginx").args(["-p", &self.conf(), "-c", "conf/nginx.conf", "-t"]).output().unwrap()
+        Command::new("nginx")
+            .args(["-p", &self.conf(), "-c", "conf/nginx.conf", "-t"])
+            .output()
+            .unwrap()
     }
 
     fn start(&mut self) {
         self.child = Some(
             Command::new("nginx")
-                .args(["-p", &self.conf(), "-c", "conf/nginx.conf", "-g", "daemon off;"])
+                .args([
+                    "-p",
+                    &self.conf(),
+                    "-c",
+                    "conf/nginx.conf",
+                    "-g",
+                    "daemon off;",
+                ])
                 .stdin(Stdio::null())
                 .spawn()
                 .unwrap(),
         );
         let port = self.port;
-        wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 }
 
@@ -87,7 +114,10 @@ impl Drop for SiteNginx {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
             // SIGQUIT lets the master take its workers down with it.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGQUIT);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::SIGQUIT,
+            );
             std::thread::sleep(Duration::from_millis(100));
             let _ = c.kill();
             let _ = c.wait();
@@ -98,8 +128,16 @@ impl Drop for SiteNginx {
 /// One chat the way a browser does it: load the page (gets the affinity cookie), join the
 /// queue, read the answer stream. Returns the final answer, or why it failed.
 async fn chat(base: &str, n: usize) -> Result<String, String> {
-    let client = reqwest::Client::builder().cookie_store(true).timeout(Duration::from_secs(10)).build().unwrap();
-    client.get(format!("{base}/")).send().await.map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    client
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let session = format!("session{n}x{}", std::process::id());
     let join = client
         .post(format!("{base}/queue/join"))
@@ -122,7 +160,9 @@ async fn chat(base: &str, n: usize) -> Result<String, String> {
     for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
         match v["msg"].as_str() {
-            Some("process_completed") => answer = v["output"]["data"][0].as_str().map(str::to_owned),
+            Some("process_completed") => {
+                answer = v["output"]["data"][0].as_str().map(str::to_owned)
+            }
             Some("unexpected_error") => return Err(v["message"].to_string()),
             _ => {}
         }
@@ -141,32 +181,63 @@ async fn chats(base: &str, n: usize) -> Vec<Result<String, String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_chats_complete_through_the_shipped_server_block_and_round_robin_breaks_them() {
     let replicas = [
-        Replica::start_on("alpha", &format!("127.0.0.1:{}", free_port()), &["--token-delay", "5ms", "--tokens", "5"]),
-        Replica::start_on("bravo", &format!("127.0.0.1:{}", free_port()), &["--token-delay", "5ms", "--tokens", "5"]),
-        Replica::start_on("charlie", &format!("127.0.0.1:{}", free_port()), &["--token-delay", "5ms", "--tokens", "5"]),
+        Replica::start_on(
+            "alpha",
+            &format!("127.0.0.1:{}", free_port()),
+            &["--token-delay", "5ms", "--tokens", "5"],
+        ),
+        Replica::start_on(
+            "bravo",
+            &format!("127.0.0.1:{}", free_port()),
+            &["--token-delay", "5ms", "--tokens", "5"],
+        ),
+        Replica::start_on(
+            "charlie",
+            &format!("127.0.0.1:{}", free_port()),
+            &["--token-delay", "5ms", "--tokens", "5"],
+        ),
     ];
     let refs: Vec<&Replica> = replicas.iter().collect();
     let mut site = SiteNginx::prepare();
     site.render(&refs, "sticky");
     let t = site.test();
-    assert!(t.status.success(), "nginx -t on the shipped server block: {}", String::from_utf8_lossy(&t.stderr));
+    assert!(
+        t.status.success(),
+        "nginx -t on the shipped server block: {}",
+        String::from_utf8_lossy(&t.stderr)
+    );
     site.start();
     let base = format!("http://127.0.0.1:{}", site.port);
 
     let sticky = chats(&base, 10).await;
     let completed: Vec<&String> = sticky.iter().filter_map(|r| r.as_ref().ok()).collect();
-    assert_eq!(completed.len(), 10, "sticky: every chat completes: {sticky:?}");
-    let served_by: std::collections::BTreeSet<&str> =
-        completed.iter().filter_map(|a| a.split(':').next()).collect();
-    assert!(served_by.len() >= 2, "cookies spread chats over replicas: {served_by:?}");
+    assert_eq!(
+        completed.len(),
+        10,
+        "sticky: every chat completes: {sticky:?}"
+    );
+    let served_by: std::collections::BTreeSet<&str> = completed
+        .iter()
+        .filter_map(|a| a.split(':').next())
+        .collect();
+    assert!(
+        served_by.len() >= 2,
+        "cookies spread chats over replicas: {served_by:?}"
+    );
 
     // The same site with round robin: join and stream land on different replicas.
     site.render(&refs, "round_robin");
     assert!(site.test().status.success());
-    let pid: i32 = std::fs::read_to_string(site.dir.path().join("logs/nginx.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(site.dir.path().join("logs/nginx.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP).unwrap();
     wait_for("the reload", Duration::from_secs(5), || {
-        std::fs::read_to_string(site.dir.path().join("logs/error.log")).unwrap_or_default().contains("signal 1 (SIGHUP)")
+        std::fs::read_to_string(site.dir.path().join("logs/error.log"))
+            .unwrap_or_default()
+            .contains("signal 1 (SIGHUP)")
     });
     std::thread::sleep(Duration::from_millis(200));
     let rr = chats(&base, 10).await;

@@ -43,7 +43,10 @@ fn serves_only_healthy_replicas_and_reloads_once_per_change() {
     });
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     nginx.wait_spread(30, "all three replicas to serve and nothing else", |s| {
-        s.len() == 3 && ["alpha", "bravo", "charlie"].iter().all(|r| s.contains_key(*r))
+        s.len() == 3
+            && ["alpha", "bravo", "charlie"]
+                .iter()
+                .all(|r| s.contains_key(*r))
     });
 
     // bravo fails its health path: it must be marked down and get no traffic.

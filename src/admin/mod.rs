@@ -36,7 +36,10 @@ pub fn router(controller: ControllerHandle, metrics: Arc<Metrics>) -> Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status_json))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { controller, metrics })
+        .with_state(AppState {
+            controller,
+            metrics,
+        })
 }
 
 /// Serves the admin routes on `listener` until `shutdown`.
@@ -85,5 +88,12 @@ async fn status_page(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }

@@ -37,9 +37,18 @@ th{background:#f4f4f4}.state{font-weight:600;border-radius:3px;padding:.1em .5em
 
 fn endpoint_row(e: &EndpointStatus) -> String {
     let health = format!("{:?}", e.health).to_lowercase();
-    let probe = e.last_probe.as_ref().map_or("—".to_owned(), |p| format!("{} ({:.1} ms)", esc(&p.detail), p.latency_ms));
+    let probe = e.last_probe.as_ref().map_or("—".to_owned(), |p| {
+        format!("{} ({:.1} ms)", esc(&p.detail), p.latency_ms)
+    });
     let transition = e.last_transition.as_ref().map_or("—".to_owned(), |t| {
-        format!("{:?} → {:?}, {}: {}", t.from, t.to, secs(t.secs_ago), esc(&t.why)).to_lowercase()
+        format!(
+            "{:?} → {:?}, {}: {}",
+            t.from,
+            t.to,
+            secs(t.secs_ago),
+            esc(&t.why)
+        )
+        .to_lowercase()
     });
     let registry = match &e.registry {
         crate::model::RegistryState::Passing => "passing".to_owned(),
@@ -89,7 +98,10 @@ fn upstream_section(u: &UpstreamStatus) -> String {
         out.push_str("<div class=\"banner bad\">Every endpoint fails its health check: on_all_unhealthy applies.</div>");
     }
     if let Some(held) = &u.shrink_held {
-        out.push_str(&format!("<div class=\"banner bad\">Held: {}</div>", esc(held)));
+        out.push_str(&format!(
+            "<div class=\"banner bad\">Held: {}</div>",
+            esc(held)
+        ));
     }
     out.push_str("<table><tr><th>source</th><th>state</th><th>last update</th><th>updates</th><th>skipped</th><th>error</th></tr>");
     for s in &u.sources {
@@ -109,7 +121,11 @@ fn upstream_section(u: &UpstreamStatus) -> String {
 /// The page for a status report.
 pub fn render(r: &StatusReport) -> String {
     let mut body = String::new();
-    let ready = if r.ready { "<span class=\"state up\">ready</span>" } else { "<span class=\"state unknown\">starting</span>" };
+    let ready = if r.ready {
+        "<span class=\"state up\">ready</span>"
+    } else {
+        "<span class=\"state unknown\">starting</span>"
+    };
     body.push_str(&format!("<h1>upstreamd {} {ready}</h1>", esc(r.version)));
     match &r.last_apply {
         Some(a) if a.error.is_some() => body.push_str(&format!(
@@ -128,7 +144,9 @@ pub fn render(r: &StatusReport) -> String {
         None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
     }
     if r.change_pending {
-        body.push_str("<p class=\"muted\">A change is waiting for settle / min_reload_interval.</p>");
+        body.push_str(
+            "<p class=\"muted\">A change is waiting for settle / min_reload_interval.</p>",
+        );
     }
     for u in &r.upstreams {
         body.push_str(&upstream_section(u));

@@ -99,7 +99,13 @@ pub struct Controller<N: Nginx> {
 
 impl<N: Nginx> Controller<N> {
     /// A controller for `cfg`; it starts sources and probes when run.
-    pub fn new(cfg: Config, renderer: Renderer, nginx: N, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        cfg: Config,
+        renderer: Renderer,
+        nginx: N,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (source_tx, source_rx) = mpsc::channel(1024);
         let (probe_tx, probe_rx) = mpsc::channel(4096);
         let (handle, status_rx) = ControllerHandle::new();
@@ -142,7 +148,11 @@ impl<N: Nginx> Controller<N> {
             version: env!("CARGO_PKG_VERSION"),
             ready: self.ready,
             uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            upstreams: self.upstreams.iter().map(|u| status::upstream_status(u, now, None)).collect(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| status::upstream_status(u, now, None))
+                .collect(),
             last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
             change_pending: self.pending_since.is_some(),
         }
@@ -152,8 +162,17 @@ impl<N: Nginx> Controller<N> {
         let labels = sources::labels(&cfg.sources);
         let token = self.shutdown.child_token();
         for (index, (scfg, label)) in cfg.sources.iter().zip(&labels).enumerate() {
-            let key = SourceKey { upstream: cfg.name.clone(), index, label: label.clone(), generation: self.generation };
-            self.metrics.set("upstreamd_source_up", &[("upstream", cfg.name.as_str()), ("source", label)], 0.0);
+            let key = SourceKey {
+                upstream: cfg.name.clone(),
+                index,
+                label: label.clone(),
+                generation: self.generation,
+            };
+            self.metrics.set(
+                "upstreamd_source_up",
+                &[("upstream", cfg.name.as_str()), ("source", label)],
+                0.0,
+            );
             sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
         }
         (UpstreamState::new(cfg, labels), token)
@@ -169,7 +188,11 @@ impl<N: Nginx> Controller<N> {
 
     /// Runs until shutdown (`Mode::Run`) or one cycle is done (`Mode::Once`). Config reloads
     /// arrive on `reloads`, already validated.
-    pub async fn run(mut self, mode: Mode, mut reloads: mpsc::Receiver<Config>) -> Result<Outcome, ControllerError> {
+    pub async fn run(
+        mut self,
+        mode: Mode,
+        mut reloads: mpsc::Receiver<Config>,
+    ) -> Result<Outcome, ControllerError> {
         let started = Instant::now();
         self.start_all();
         let mut reloads_open = true;
@@ -180,7 +203,9 @@ impl<N: Nginx> Controller<N> {
                     return Err(ControllerError::NotReady(deadline, self.waiting_for()));
                 }
             }
-            let wake = self.next_wake(now).unwrap_or(now + Duration::from_secs(3600));
+            let wake = self
+                .next_wake(now)
+                .unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
@@ -214,8 +239,15 @@ impl<N: Nginx> Controller<N> {
         let mut waiting = Vec::new();
         for u in &self.upstreams {
             for s in u.sources.iter().filter(|s| s.snapshot.is_none()) {
-                let why = s.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-                waiting.push(format!("upstream {} source {} has not delivered{why}", u.cfg.name, s.label));
+                let why = s
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                waiting.push(format!(
+                    "upstream {} source {} has not delivered{why}",
+                    u.cfg.name, s.label
+                ));
             }
         }
         if waiting.is_empty() {
@@ -226,7 +258,11 @@ impl<N: Nginx> Controller<N> {
     }
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {
-        let probes = self.upstreams.iter().filter_map(|u| u.pending_first_probe(now)).min();
+        let probes = self
+            .upstreams
+            .iter()
+            .filter_map(|u| u.pending_first_probe(now))
+            .min();
         let apply = self.pending_since.map(|p| self.apply_at(p));
         probes.into_iter().chain(apply).min()
     }
@@ -243,21 +279,32 @@ impl<N: Nginx> Controller<N> {
         if key.generation != self.generation {
             return None;
         }
-        self.upstreams.iter_mut().find(|u| u.cfg.name == key.upstream)
+        self.upstreams
+            .iter_mut()
+            .find(|u| u.cfg.name == key.upstream)
     }
 
     fn on_source(&mut self, update: SourceUpdate) {
         let now = Instant::now();
         let metrics = Arc::clone(&self.metrics);
         let SourceUpdate { key, event } = update;
-        let labels = [("upstream", key.upstream.as_str()), ("source", key.label.as_str())];
-        let Some(u) = self.upstream_mut(&key) else { return };
+        let labels = [
+            ("upstream", key.upstream.as_str()),
+            ("source", key.label.as_str()),
+        ];
+        let Some(u) = self.upstream_mut(&key) else {
+            return;
+        };
         match &event {
             SourceEvent::Snapshot { skipped, .. } => {
                 metrics.inc("upstreamd_source_updates_total", &labels);
                 metrics.set("upstreamd_source_up", &labels, 1.0);
                 if *skipped > 0 {
-                    metrics.add("upstreamd_registry_entries_skipped_total", &labels, *skipped as f64);
+                    metrics.add(
+                        "upstreamd_registry_entries_skipped_total",
+                        &labels,
+                        *skipped as f64,
+                    );
                 }
                 if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
                     tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
@@ -291,10 +338,19 @@ impl<N: Nginx> Controller<N> {
 
     fn on_probe(&mut self, r: ProbeReport) {
         let now = Instant::now();
-        let Some(u) = self.upstreams.iter_mut().find(|u| u.cfg.name == r.upstream) else { return };
+        let Some(u) = self.upstreams.iter_mut().find(|u| u.cfg.name == r.upstream) else {
+            return;
+        };
         let name = r.upstream.as_str();
-        self.metrics.inc("upstreamd_probes_total", &[("upstream", name), ("result", r.outcome.label())]);
-        self.metrics.observe("upstreamd_probe_duration_seconds", &[("upstream", name)], r.latency.as_secs_f64());
+        self.metrics.inc(
+            "upstreamd_probes_total",
+            &[("upstream", name), ("result", r.outcome.label())],
+        );
+        self.metrics.observe(
+            "upstreamd_probe_duration_seconds",
+            &[("upstream", name)],
+            r.latency.as_secs_f64(),
+        );
         let transition = u.on_probe(&r.address, &r.outcome, r.latency, now);
         if !u.hinted_404 && u.all_404() {
             u.hinted_404 = true;
@@ -308,7 +364,10 @@ impl<N: Nginx> Controller<N> {
                 Health::Unknown => "unknown",
             };
             tracing::info!(upstream = name, endpoint = %r.address, from = %t.from, to = %t.to, %why, "Endpoint health changed.");
-            self.metrics.inc("upstreamd_health_transitions_total", &[("upstream", name), ("to", to)]);
+            self.metrics.inc(
+                "upstreamd_health_transitions_total",
+                &[("upstream", name), ("to", to)],
+            );
             self.update_gauges();
             self.dirty = true;
         }
@@ -317,15 +376,22 @@ impl<N: Nginx> Controller<N> {
     fn update_gauges(&self) {
         for u in &self.upstreams {
             for (state, n) in u.counts() {
-                self.metrics.set("upstreamd_endpoints", &[("upstream", u.cfg.name.as_str()), ("state", state)], n as f64);
+                self.metrics.set(
+                    "upstreamd_endpoints",
+                    &[("upstream", u.cfg.name.as_str()), ("state", state)],
+                    n as f64,
+                );
             }
         }
     }
 
     fn render(&self) -> Result<(String, Vec<Desired>), RenderError> {
         let desired: Vec<Desired> = self.upstreams.iter().map(|u| u.desired()).collect();
-        let pairs: Vec<(Desired, _)> =
-            desired.iter().cloned().zip(self.upstreams.iter().map(|u| u.cfg.on_all_unhealthy)).collect();
+        let pairs: Vec<(Desired, _)> = desired
+            .iter()
+            .cloned()
+            .zip(self.upstreams.iter().map(|u| u.cfg.on_all_unhealthy))
+            .collect();
         Ok((self.renderer.render(&pairs)?, desired))
     }
 
@@ -334,7 +400,11 @@ impl<N: Nginx> Controller<N> {
         if !self.upstreams.iter().all(|u| u.sources_ready()) {
             return Ok(None);
         }
-        if self.upstreams.iter().any(|u| u.pending_first_probe(now).is_some()) {
+        if self
+            .upstreams
+            .iter()
+            .any(|u| u.pending_first_probe(now).is_some())
+        {
             return Ok(None);
         }
         if self.dirty {
@@ -342,7 +412,10 @@ impl<N: Nginx> Controller<N> {
             let (text, _) = self.render()?;
             let on_disk = nginx::read_current(&self.cfg.nginx.output).ok().flatten();
             let changed = on_disk.as_deref() != Some(text.as_bytes());
-            self.metrics.inc("upstreamd_renders_total", &[("result", if changed { "changed" } else { "unchanged" })]);
+            self.metrics.inc(
+                "upstreamd_renders_total",
+                &[("result", if changed { "changed" } else { "unchanged" })],
+            );
             if !changed {
                 self.pending_since = None;
                 self.rejected = None;
@@ -355,7 +428,9 @@ impl<N: Nginx> Controller<N> {
             }
         }
         match mode {
-            Mode::Once { dry_run: true, .. } => return Ok(self.rendered.take().map(Outcome::Rendered)),
+            Mode::Once { dry_run: true, .. } => {
+                return Ok(self.rendered.take().map(Outcome::Rendered))
+            }
             Mode::Once { dry_run: false, .. } => {
                 if self.pending_since.is_some() {
                     self.apply(now).await?;
@@ -385,8 +460,14 @@ impl<N: Nginx> Controller<N> {
 
     async fn apply(&mut self, now: Instant) -> Result<(), ApplyError> {
         self.pending_since = None;
-        let Some(text) = self.rendered.clone() else { return Ok(()) };
-        let desired = self.upstreams.iter().map(|u| u.desired()).collect::<Vec<_>>();
+        let Some(text) = self.rendered.clone() else {
+            return Ok(());
+        };
+        let desired = self
+            .upstreams
+            .iter()
+            .map(|u| u.desired())
+            .collect::<Vec<_>>();
         let t0 = Instant::now();
         let result = nginx::apply(&self.cfg.nginx.output, text.as_bytes(), &self.nginx).await;
         let took = t0.elapsed();
@@ -409,10 +490,18 @@ impl<N: Nginx> Controller<N> {
             }
             Ok(Applied::Reloaded { .. }) => {
                 self.last_reload = Some(now);
-                self.metrics.inc("upstreamd_reloads_total", &[("result", "ok")]);
-                self.metrics.observe("upstreamd_reload_duration_seconds", &[], took.as_secs_f64());
-                let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-                self.metrics.set("upstreamd_last_reload_success_timestamp_seconds", &[], unix.as_secs_f64());
+                self.metrics
+                    .inc("upstreamd_reloads_total", &[("result", "ok")]);
+                self.metrics
+                    .observe("upstreamd_reload_duration_seconds", &[], took.as_secs_f64());
+                let unix = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                self.metrics.set(
+                    "upstreamd_last_reload_success_timestamp_seconds",
+                    &[],
+                    unix.as_secs_f64(),
+                );
                 tracing::info!(%changes,
                     took_ms = took.as_millis() as u64, "Applied the new upstream file and nginx reloaded.");
                 self.applied = Some(desired);
@@ -422,7 +511,8 @@ impl<N: Nginx> Controller<N> {
             }
             Err(e) => {
                 self.last_reload = Some(now);
-                self.metrics.inc("upstreamd_reloads_total", &[("result", e.result_label())]);
+                self.metrics
+                    .inc("upstreamd_reloads_total", &[("result", e.result_label())]);
                 self.rejected = Some(text);
                 Err(e)
             }
@@ -440,7 +530,8 @@ impl<N: Nginx> Controller<N> {
             if !cfg.upstreams.iter().any(|n| n.name == u.cfg.name) {
                 self.prober.remove_upstream(&u.cfg.name);
                 for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
-                    self.metrics.forget(family, ("upstream", u.cfg.name.as_str()));
+                    self.metrics
+                        .forget(family, ("upstream", u.cfg.name.as_str()));
                 }
             }
         }
@@ -448,7 +539,10 @@ impl<N: Nginx> Controller<N> {
         self.start_all();
         // Keep the health of endpoints that stay, so a reload does not re-probe from Unknown.
         for u in &mut self.upstreams {
-            if let Some(prev) = old.iter().find(|o| o.cfg.name == u.cfg.name && o.cfg.health == u.cfg.health) {
+            if let Some(prev) = old
+                .iter()
+                .find(|o| o.cfg.name == u.cfg.name && o.cfg.health == u.cfg.health)
+            {
                 u.health = prev.health.clone();
                 u.hinted_404 = prev.hinted_404;
             }
@@ -467,15 +561,27 @@ pub fn describe_changes(before: Option<&[Desired]>, after: &[Desired]) -> String
         for s in &d.servers {
             let prev = old.and_then(|o| o.servers.iter().find(|p| p.address == s.address));
             match prev {
-                None => parts.push(format!("{}: +{}{}", d.name, s.address, if s.down { " (down)" } else { "" })),
-                Some(p) if p.down != s.down => {
-                    parts.push(format!("{}: {} {}", d.name, s.address, if s.down { "down" } else { "up" }))
-                }
+                None => parts.push(format!(
+                    "{}: +{}{}",
+                    d.name,
+                    s.address,
+                    if s.down { " (down)" } else { "" }
+                )),
+                Some(p) if p.down != s.down => parts.push(format!(
+                    "{}: {} {}",
+                    d.name,
+                    s.address,
+                    if s.down { "down" } else { "up" }
+                )),
                 Some(_) => {}
             }
         }
         if let Some(o) = old {
-            for p in o.servers.iter().filter(|p| !d.servers.iter().any(|s| s.address == p.address)) {
+            for p in o
+                .servers
+                .iter()
+                .filter(|p| !d.servers.iter().any(|s| s.address == p.address))
+            {
                 parts.push(format!("{}: -{}", d.name, p.address));
             }
         }

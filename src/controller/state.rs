@@ -116,7 +116,13 @@ impl UpstreamState {
                 skipped: 0,
             })
             .collect();
-        Self { cfg, sources, endpoints: BTreeMap::new(), health: BTreeMap::new(), hinted_404: false }
+        Self {
+            cfg,
+            sources,
+            endpoints: BTreeMap::new(),
+            health: BTreeMap::new(),
+            hinted_404: false,
+        }
     }
 
     /// Whether every source has delivered a first snapshot.
@@ -131,14 +137,19 @@ impl UpstreamState {
 
     /// Takes a source event. Returns what changed in the merged endpoints.
     pub fn on_source(&mut self, index: usize, event: SourceEvent, now: Instant) -> Delta {
-        let Some(src) = self.sources.get_mut(index) else { return Delta::default() };
+        let Some(src) = self.sources.get_mut(index) else {
+            return Delta::default();
+        };
         match event {
             SourceEvent::Failed { error } => {
                 src.error = Some(error);
                 src.failing_since.get_or_insert(now);
                 Delta::default()
             }
-            SourceEvent::Snapshot { mut endpoints, skipped } => {
+            SourceEvent::Snapshot {
+                mut endpoints,
+                skipped,
+            } => {
                 endpoints.sort_by(|a, b| a.address.cmp(&b.address));
                 src.snapshot = Some(endpoints);
                 src.error = None;
@@ -165,12 +176,14 @@ impl UpstreamState {
         }
         if self.cfg.health.enabled {
             for a in &delta.added {
-                self.health.entry(a.clone()).or_insert_with(|| EndpointHealth {
-                    state: HealthState::new(),
-                    since: now,
-                    last: None,
-                    last_transition: None,
-                });
+                self.health
+                    .entry(a.clone())
+                    .or_insert_with(|| EndpointHealth {
+                        state: HealthState::new(),
+                        since: now,
+                        last: None,
+                        last_transition: None,
+                    });
             }
         }
         self.endpoints = merged;
@@ -197,7 +210,10 @@ impl UpstreamState {
         let why = match (t.from, outcome.is_ok()) {
             (Health::Unknown, _) => format!("first probe: {}", describe(outcome)),
             (_, true) => format!("{streak} consecutive successful probes (rise = {rise})"),
-            (_, false) => format!("{streak} consecutive failed probes (fall = {fall}), last: {}", describe(outcome)),
+            (_, false) => format!(
+                "{streak} consecutive failed probes (fall = {fall}), last: {}",
+                describe(outcome)
+            ),
         };
         h.last_transition = Some((t, now, why.clone()));
         Some((t, why))
@@ -205,7 +221,11 @@ impl UpstreamState {
 
     /// Whether every endpoint's last probe answered 404 (the "no /health on Kotaemon" case).
     pub fn all_404(&self) -> bool {
-        !self.health.is_empty() && self.health.values().all(|h| h.last.as_ref().is_some_and(|l| l.detail == "status 404"))
+        !self.health.is_empty()
+            && self
+                .health
+                .values()
+                .all(|h| h.last.as_ref().is_some_and(|l| l.detail == "status 404"))
     }
 
     /// The earliest moment a still-unprobed endpoint stops being waited for, if one is pending.
@@ -221,7 +241,11 @@ impl UpstreamState {
 
     /// The servers this upstream should render now.
     pub fn desired(&self) -> Desired {
-        decide(&self.cfg, &self.endpoints, |a| self.health.get(a).map_or(Health::Unknown, |h| h.state.health()))
+        decide(&self.cfg, &self.endpoints, |a| {
+            self.health
+                .get(a)
+                .map_or(Health::Unknown, |h| h.state.health())
+        })
     }
 
     /// Endpoint counts by state for `upstreamd_endpoints`: healthy, unhealthy (our probe or
@@ -249,9 +273,9 @@ impl UpstreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Balance;
     use crate::config::{SourceConfig, StaticSource};
     use crate::decide::tests::{ep, upstream};
-    use crate::config::Balance;
 
     fn state() -> UpstreamState {
         let mut cfg = upstream("k", Balance::RoundRobin);
@@ -263,7 +287,10 @@ mod tests {
     }
 
     fn snap(list: &[&str]) -> SourceEvent {
-        SourceEvent::Snapshot { endpoints: list.iter().map(|a| ep(a)).collect(), skipped: 0 }
+        SourceEvent::Snapshot {
+            endpoints: list.iter().map(|a| ep(a)).collect(),
+            skipped: 0,
+        }
     }
 
     #[test]
@@ -281,7 +308,13 @@ mod tests {
         let mut s = state();
         let now = Instant::now();
         s.on_source(0, snap(&["127.0.0.2:80"]), now);
-        let d = s.on_source(0, SourceEvent::Failed { error: "refused".into() }, now);
+        let d = s.on_source(
+            0,
+            SourceEvent::Failed {
+                error: "refused".into(),
+            },
+            now,
+        );
         assert!(!d.changed);
         assert_eq!(s.endpoints.len(), 1);
         assert_eq!(s.sources[0].error.as_deref(), Some("refused"));
@@ -291,8 +324,14 @@ mod tests {
     fn an_identical_snapshot_changes_nothing() {
         let mut s = state();
         let now = Instant::now();
-        assert!(s.on_source(0, snap(&["127.0.0.2:80", "127.0.0.3:80"]), now).changed);
-        assert!(!s.on_source(0, snap(&["127.0.0.3:80", "127.0.0.2:80"]), now).changed);
+        assert!(
+            s.on_source(0, snap(&["127.0.0.2:80", "127.0.0.3:80"]), now)
+                .changed
+        );
+        assert!(
+            !s.on_source(0, snap(&["127.0.0.3:80", "127.0.0.2:80"]), now)
+                .changed
+        );
     }
 
     #[test]
@@ -305,7 +344,9 @@ mod tests {
         assert_eq!(deadline, now + Duration::from_millis(1500));
         assert_eq!(s.pending_first_probe(deadline), None);
         let a: Address = "127.0.0.2:80".parse().unwrap();
-        let (t, why) = s.on_probe(&a, &ProbeOutcome::Ok, Duration::from_millis(1), now).unwrap();
+        let (t, why) = s
+            .on_probe(&a, &ProbeOutcome::Ok, Duration::from_millis(1), now)
+            .unwrap();
         assert_eq!(t.to, Health::Up);
         assert!(why.starts_with("first probe"));
         assert_eq!(s.pending_first_probe(now), None);
@@ -318,11 +359,20 @@ mod tests {
         s.on_source(0, snap(&["127.0.0.2:80"]), now);
         let a: Address = "127.0.0.2:80".parse().unwrap();
         s.on_probe(&a, &ProbeOutcome::Ok, Duration::ZERO, now);
-        assert!(s.on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now).is_none());
-        assert!(s.on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now).is_none());
-        let (t, why) = s.on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now).unwrap();
+        assert!(s
+            .on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now)
+            .is_none());
+        assert!(s
+            .on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now)
+            .is_none());
+        let (t, why) = s
+            .on_probe(&a, &ProbeOutcome::Timeout, Duration::ZERO, now)
+            .unwrap();
         assert_eq!(t.to, Health::Down);
-        assert_eq!(why, "3 consecutive failed probes (fall = 3), last: timed out");
+        assert_eq!(
+            why,
+            "3 consecutive failed probes (fall = 3), last: timed out"
+        );
     }
 
     #[test]

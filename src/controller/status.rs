@@ -133,7 +133,11 @@ fn ago(now: Instant, then: Instant) -> f64 {
 }
 
 /// Builds the report of one upstream.
-pub(crate) fn upstream_status(u: &UpstreamState, now: Instant, shrink_held: Option<String>) -> UpstreamStatus {
+pub(crate) fn upstream_status(
+    u: &UpstreamState,
+    now: Instant,
+    shrink_held: Option<String>,
+) -> UpstreamStatus {
     let desired = u.desired();
     let endpoints = desired
         .servers
@@ -153,12 +157,14 @@ pub(crate) fn upstream_status(u: &UpstreamState, now: Instant, shrink_held: Opti
                 rendered: if s.down { "down" } else { "up" },
                 verdict: s.verdict,
                 last_probe: h.and_then(|h| h.last.clone()),
-                last_transition: h.and_then(|h| h.last_transition.as_ref()).map(|(t, at, why)| TransitionStatus {
-                    from: t.from,
-                    to: t.to,
-                    secs_ago: ago(now, *at),
-                    why: why.clone(),
-                }),
+                last_transition: h
+                    .and_then(|h| h.last_transition.as_ref())
+                    .map(|(t, at, why)| TransitionStatus {
+                        from: t.from,
+                        to: t.to,
+                        secs_ago: ago(now, *at),
+                        why: why.clone(),
+                    }),
             })
         })
         .collect();

@@ -4,6 +4,7 @@
 //! sends `Failed`, and the controller keeps its last good snapshot, marked stale.
 
 pub mod consul;
+pub mod etcd;
 pub mod static_list;
 
 use std::future::Future;
@@ -133,26 +134,33 @@ pub fn spawn(
         SourceConfig::Static(s) => {
             tokio::spawn(static_list::StaticList::new(s).run(sink, shutdown))
         }
-        SourceConfig::Consul(c) => match consul::ConsulWatch::new(c) {
-            Ok(watch) => tokio::spawn(watch.run(sink, shutdown)),
-            Err(e) => tokio::spawn(async move {
-                // A config the loader let through but the client refuses (an unreadable
-                // ca_file): report it as the source's failure and stay until shutdown.
+        SourceConfig::Consul(c) => start(consul::ConsulWatch::new(c), sink, shutdown),
+        SourceConfig::Etcd(c) => start(etcd::EtcdWatch::new(c), sink, shutdown),
+    }
+}
+
+/// Runs a source that could be built; otherwise reports why (an unreadable `ca_file` the
+/// loader let through) as the source's failure and stays until shutdown, so the controller
+/// never renders from a source that never answered.
+fn start<S: Source, E: std::fmt::Display>(
+    built: Result<S, E>,
+    sink: Sink,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    match built {
+        Ok(source) => tokio::spawn(source.run(sink, shutdown)),
+        Err(e) => {
+            let error = e.to_string();
+            tokio::spawn(async move {
                 let key = sink.key();
-                tracing::error!(upstream = %key.upstream, source = %key.label, error = %e, "Consul source could not start.");
+                tracing::error!(upstream = %key.upstream, source = %key.label, %error, "Source could not start.");
                 tokio::select! {
                     () = shutdown.cancelled() => {}
-                    delivered = sink.failed(e.to_string()) => if delivered {
+                    delivered = sink.failed(error) => if delivered {
                         shutdown.cancelled().await;
                     },
                 }
-            }),
-        },
-        SourceConfig::Etcd(_) => tokio::spawn(async move {
-            // Placeholder until the registry sources land: report a failure so the
-            // controller never renders from an absent registry.
-            let _delivered = sink.failed("this source kind is not built yet").await;
-            shutdown.cancelled().await;
-        }),
+            })
+        }
     }
 }

@@ -255,14 +255,21 @@ impl Nginx {
 
 /// The pids of `parent`'s children, from /proc.
 fn children(parent: u32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let parent = parent.to_string();
     entries
         .flatten()
         .filter_map(|e| {
             let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_owned();
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .to_owned();
             (ppid == parent).then_some(pid)
         })
         .collect()
@@ -276,14 +283,17 @@ impl Drop for Nginx {
         // SIGTERM: nginx's fast shutdown takes the workers down with the master.
         if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
             let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+            while start.elapsed() < Duration::from_secs(2)
+                && matches!(self.child.try_wait(), Ok(None))
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
         kill_and_reap(&mut self.child);
         for pid in workers {
             // Already gone in the usual case: then there is nothing to kill.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
     }
 }
@@ -398,7 +408,8 @@ impl Replica {
     pub fn set_mode_and_wait(&self, mode: &str, status: u16) {
         self.set_mode(mode);
         wait_for("the replica to switch mode", Duration::from_secs(5), || {
-            http_get(&self.addr, "/queue/status", Duration::from_secs(1)).is_some_and(|(s, _)| s == status)
+            http_get(&self.addr, "/queue/status", Duration::from_secs(1))
+                .is_some_and(|(s, _)| s == status)
         });
     }
 
