@@ -4,5 +4,6 @@ pub mod decide;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod render;
 pub mod sources;
