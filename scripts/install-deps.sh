@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what upstreamd's build, tests, demo and benchmarks need on Debian 12, if missing.
+# (systemd: only for `systemd-analyze`, which tests/deploy.rs runs on the unit file.)
 # Runs `apt-get update` once, and only when something is missing.
 set -euo pipefail
-pkgs=(nginx etcd-server etcd-client protobuf-compiler libssl-dev pkg-config docker-compose chromium wrk curl)
+pkgs=(nginx etcd-server etcd-client protobuf-compiler libssl-dev pkg-config docker-compose systemd chromium wrk curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

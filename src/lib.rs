@@ -13,6 +13,7 @@
 //! - [`render`]: the include file's bytes from the decided upstreams (pure).
 //! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback.
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.
+//! - [`notify`]: systemd readiness, status and watchdog notifications.
 //! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
 pub mod admin;
 pub mod config;
@@ -22,5 +23,6 @@ pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod nginx;
+pub mod notify;
 pub mod render;
 pub mod sources;

@@ -1,0 +1,30 @@
+# upstreamd and the Kotaemon stand-in (`kotaemon-standin`), for docker-compose.yml.
+#
+# The runtime stage is the official nginx image, not a bare Debian: upstreamd runs
+# `nginx -t` before it signals nginx, and here that is the very nginx binary (same version,
+# same modules, same compiled-in paths) that serves in the nginx container. Debian's own
+# nginx package would be 1.22 beside the served 1.27: a directive only the newer one knows
+# would fail every test and block every change. Keep NGINX_IMAGE on the compose file's
+# nginx tag.
+ARG NGINX_IMAGE=nginx:1.27
+
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        protobuf-compiler libssl-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY templates templates
+RUN cargo build --release --locked --bins
+
+# Debian bookworm, like the builder, so the binaries find the glibc they were linked with.
+FROM ${NGINX_IMAGE}
+COPY --from=build /src/target/release/upstreamd /src/target/release/kotaemon-standin /usr/local/bin/
+# Root, deliberately: nginx's master runs as root, and signalling it takes the same uid (or
+# CAP_KILL); `nginx -t` also opens nginx's root-owned pid file and binds its ports.
+# The nginx image stops with SIGQUIT (nginx's graceful stop); upstreamd stops on SIGTERM.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["upstreamd"]
+CMD ["run", "--config", "/etc/upstreamd/upstreamd.toml"]
