@@ -41,6 +41,7 @@ struct Opts {
     quick: bool,
     out: PathBuf,
     markdown: PathBuf,
+    json: PathBuf,
     only: Vec<String>,
     keep: bool,
     command: String,
@@ -58,10 +59,12 @@ fn parse_args(args: &[String]) -> Result<Opts> {
     let out = value("--out")
         .map(|o| root.join(o))
         .unwrap_or_else(|| root.join("bench-out"));
-    let markdown = if quick || value("--out").is_some() {
-        out.join("BENCHMARKS.md")
+    // A full run writes the committed report at the root; a quick (or redirected) one only
+    // writes under its output directory.
+    let (markdown, json) = if quick || value("--out").is_some() {
+        (out.join("BENCHMARKS.md"), out.join("results.json"))
     } else {
-        root.join("BENCHMARKS.md")
+        (root.join("BENCHMARKS.md"), root.join("BENCHMARKS.json"))
     };
     let only: Vec<String> = value("--only")
         .map(|o| o.split(',').map(str::to_owned).collect())
@@ -83,6 +86,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
         quick,
         out,
         markdown,
+        json,
         only,
         keep: args.iter().any(|a| a == "--keep"),
         command,
@@ -363,15 +367,23 @@ async fn run(opts: &Opts) -> Result<bool> {
     results.duration_s = started.elapsed().as_secs_f64();
     results.machine.loadavg_end = loadavg();
     results.targets = report::targets(&results);
-    let json = opts.out.join("results.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&results)?)
+    let json = &opts.json;
+    std::fs::write(json, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("failed to write `{}`", json.display()))?;
     let notes = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/scenarios/notes.md"),
     )
     .unwrap_or_default();
-    std::fs::write(&opts.markdown, report::markdown(&results, &notes))
-        .with_context(|| format!("failed to write `{}`", opts.markdown.display()))?;
+    let json_name = json
+        .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .unwrap_or(json)
+        .display()
+        .to_string();
+    std::fs::write(
+        &opts.markdown,
+        report::markdown(&results, &notes, &json_name),
+    )
+    .with_context(|| format!("failed to write `{}`", opts.markdown.display()))?;
     println!(
         "bench: wrote {} and {}",
         opts.markdown.display(),
