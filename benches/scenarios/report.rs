@@ -237,10 +237,14 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
          comparison ran in it, one peer after the other, on the same machine.\n",
         r.command,
         r.duration_s,
-        if p.quick {
-            " (quick mode: tiny sizes, figures are smoke-level)"
-        } else {
-            ""
+        match (p.quick, cfg!(debug_assertions)) {
+            (true, true) => {
+                " (quick mode from a debug build: tiny sizes, unoptimised binaries; the figures \
+                 only show that the harness works)"
+            }
+            (true, false) => " (quick mode: tiny sizes, figures are smoke-level)",
+            (false, true) => " (from a debug build: timings are not representative)",
+            (false, false) => "",
         }
     );
     let _ = writeln!(
