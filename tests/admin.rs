@@ -253,3 +253,66 @@ fn the_status_page_shows_endpoints_in_a_real_browser() {
     assert!(size > 10_000, "a screenshot was taken ({size} bytes)");
     eprintln!("figure: status page screenshot at {}", shot.display());
 }
+
+#[test]
+fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
+    let r = Replica::start("alpha");
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut heard: Vec<String> = Vec::new();
+    let listen = |heard: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    let cfg = static_config(&nginx, "kotaemon", &[&r], "", "");
+    let mut daemon = Daemon::start_with_env(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    wait_for("READY=1", SHORT, || {
+        listen(&mut heard);
+        heard.iter().any(|m| m == "READY=1")
+    });
+    assert_eq!(
+        nginx.reloads(),
+        1,
+        "READY=1 comes after the first successful apply"
+    );
+    wait_for("two watchdog pings", SHORT, || {
+        listen(&mut heard);
+        heard.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+    });
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.starts_with("STATUS=kotaemon: 1 healthy")),
+        "{heard:?}"
+    );
+
+    heard.clear();
+    daemon.signal(Signal::SIGHUP);
+    wait_for("RELOADING=1 then READY=1", SHORT, || {
+        listen(&mut heard);
+        let reloading = heard
+            .iter()
+            .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="));
+        let ready = heard.iter().rposition(|m| m == "READY=1");
+        matches!((reloading, ready), (Some(a), Some(b)) if a < b)
+    });
+
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(5)), Some(0));
+    listen(&mut heard);
+    assert!(heard.iter().any(|m| m == "STOPPING=1"), "{heard:?}");
+}

@@ -17,6 +17,7 @@ use crate::decide::Desired;
 use crate::health::{Health, ProbeReport, Prober};
 use crate::metrics::Metrics;
 use crate::nginx::{self, Applied, ApplyError, Nginx};
+use crate::notify::Notifier;
 use crate::render::{RenderError, Renderer};
 use crate::sources::{self, SourceEvent, SourceKey, SourceUpdate};
 use state::UpstreamState;
@@ -95,6 +96,7 @@ pub struct Controller<N: Nginx> {
     started: Instant,
     handle: ControllerHandle,
     status_rx: mpsc::Receiver<StatusRequest>,
+    notifier: Notifier,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -133,7 +135,47 @@ impl<N: Nginx> Controller<N> {
             started: Instant::now(),
             handle,
             status_rx,
+            notifier: Notifier::disabled(),
         }
+    }
+
+    /// Sends systemd notifications (readiness, status, watchdog) through `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    fn notify(&self, what: &str, result: Result<(), crate::notify::NotifyError>) {
+        if let Err(error) = result {
+            tracing::warn!(%error, what, "Could not notify systemd.");
+        }
+    }
+
+    /// A one-line summary for `systemctl status`.
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let [(_, up), (_, down), (_, unknown)] = u.counts();
+                let stale = u.sources.iter().filter(|s| s.error.is_some()).count();
+                let stale = if stale > 0 {
+                    format!(", {stale} source(s) stale")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{}: {up} healthy, {down} unhealthy, {unknown} unknown{stale}",
+                    u.cfg.name
+                )
+            })
+            .collect();
+        let last = self
+            .last_apply
+            .as_ref()
+            .map(|a| format!("; last apply {}", a.result))
+            .unwrap_or_default();
+        format!("{}{last}", parts.join("; "))
     }
 
     /// A handle that asks this controller for its status once it runs.
@@ -196,6 +238,13 @@ impl<N: Nginx> Controller<N> {
         let started = Instant::now();
         self.start_all();
         let mut reloads_open = true;
+        // The watchdog is fed from this loop itself, so a stuck loop stops feeding it.
+        let watchdog_every = self
+            .notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut watchdog = tokio::time::interval(watchdog_every);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();
             if let Mode::Once { deadline, .. } = mode {
@@ -208,7 +257,14 @@ impl<N: Nginx> Controller<N> {
                 .unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
+                _ = self.shutdown.cancelled() => {
+                    self.notify("STOPPING", self.notifier.stopping());
+                    return Ok(Outcome::Stopped);
+                }
+                _ = watchdog.tick(), if mode == Mode::Run && self.notifier.watchdog_interval().is_some() => {
+                    self.notify("WATCHDOG", self.notifier.watchdog());
+                    continue;
+                }
                 Some(request) = self.status_rx.recv() => {
                     // The asker may have given up waiting; nothing to do then.
                     let _ = request.send(self.status_report());
@@ -455,7 +511,9 @@ impl<N: Nginx> Controller<N> {
         if !self.ready {
             self.ready = true;
             tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
+            self.notify("READY", self.notifier.ready());
         }
+        self.notify("STATUS", self.notifier.status(&self.summary()));
     }
 
     async fn apply(&mut self, now: Instant) -> Result<(), ApplyError> {
@@ -549,6 +607,8 @@ impl<N: Nginx> Controller<N> {
         }
         self.dirty = true;
         tracing::info!(upstreams = self.upstreams.len(), "Configuration reloaded.");
+        // Ends the RELOADING=1 that main sent when SIGHUP arrived.
+        self.notify("READY", self.notifier.ready());
         Ok(())
     }
 }

@@ -457,9 +457,15 @@ pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
 impl Daemon {
     /// Starts `upstreamd run` on this config text.
     pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts `upstreamd run` with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let (dir, path) = write_config(config);
         let mut child = Command::new(env!("CARGO_BIN_EXE_upstreamd"))
             .args(["run", "--config", path.to_str().unwrap()])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "upstreamd=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
