@@ -286,3 +286,43 @@ fn check_accepts_a_good_config() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_naming_what_changed() {
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    let nginx = Nginx::start("kotaemon");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    );
+    let daemon = Daemon::start_with(&cfg, &["--log-format", "json"], &[]);
+    wait_for("the first reload", SHORT, || nginx.reloads() == 1);
+    replicas[1].set_mode("error");
+    wait_for("the change logged", SHORT, || {
+        daemon.output.text().contains("consecutive failed probes")
+    });
+    let text = daemon.output.text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let flip = lines
+        .iter()
+        .find(|l| l["message"] == "Endpoint health changed." && l["to"] == "down")
+        .expect("a health flip line");
+    assert_eq!(flip["endpoint"], replicas[1].addr.as_str());
+    assert_eq!(flip["upstream"], "kotaemon");
+    assert!(
+        flip["why"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 consecutive failed probes (fall = 2)"),
+        "{flip}"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+}

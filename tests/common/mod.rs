@@ -462,9 +462,15 @@ impl Daemon {
 
     /// Starts `upstreamd run` with extra environment variables.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(config, &[], env)
+    }
+
+    /// Starts `upstreamd run` with extra arguments and environment variables.
+    pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let (dir, path) = write_config(config);
         let mut child = Command::new(env!("CARGO_BIN_EXE_upstreamd"))
             .args(["run", "--config", path.to_str().unwrap()])
+            .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "upstreamd=debug,info")
             .stdin(Stdio::null())
