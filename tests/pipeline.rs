@@ -326,3 +326,39 @@ fn json_logs_are_one_object_per_line_naming_what_changed() {
         .iter()
         .all(|l| l["level"].is_string() && l["timestamp"].is_string()));
 }
+
+#[test]
+fn probing_health_on_kotaemon_logs_the_queue_status_hint_once() {
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    let nginx = Nginx::start("kotaemon");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    )
+    .replace("path = \"/queue/status\"", "path = \"/health\"");
+    let daemon = Daemon::start(&cfg);
+    wait_for("the hint", SHORT, || {
+        daemon.output.text().contains("Kotaemon has no /health")
+    });
+    // Several more probe rounds: the hint is not repeated.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        daemon
+            .output
+            .text()
+            .matches("Kotaemon has no /health")
+            .count(),
+        1
+    );
+    assert!(
+        daemon.output.text().contains("path = \"/queue/status\""),
+        "{}",
+        daemon.output.text()
+    );
+    // Every endpoint unhealthy, fail_open: nginx keeps sending traffic as it would alone.
+    wait_for("the first reload", SHORT, || nginx.reloads() == 1);
+    assert!(nginx.rendered().contains("on_all_unhealthy = fail_open"));
+}
