@@ -134,6 +134,22 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     let mut s = setup(2);
     let _report = report_on_failure(&s.nginx);
     wait_for("first reload", SHORT, || s.nginx.reloads() == 1);
+    // The same config again: sources keep running, nothing is re-probed from scratch, no reload.
+    s.daemon.signal(Signal::SIGHUP);
+    wait_for("the first config reload", SHORT, || {
+        s.daemon.output.text().contains("kept=1 restarted=0")
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(s.nginx.reloads(), 1);
+    assert_eq!(
+        s.daemon
+            .output
+            .text()
+            .matches("Registry membership changed.")
+            .count(),
+        1
+    );
+
     let third = Replica::start("charlie");
     let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
     let grown = cfg.replace(
@@ -149,6 +165,7 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
             .contains(&format!("server {};", third.addr))
     });
     wait_for("second reload", SHORT, || s.nginx.reloads() == 2);
+    assert!(s.daemon.output.text().contains("kept=0 restarted=1"));
     let before = s.nginx.rendered();
 
     std::fs::write(

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, NginxConfig, UpstreamConfig};
 use crate::decide::Desired;
 use crate::health::{Health, ProbeReport, Prober};
 use crate::metrics::Metrics;
@@ -217,7 +217,9 @@ impl<N: Nginx> Controller<N> {
             );
             sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
         }
-        (UpstreamState::new(cfg, labels), token)
+        let mut state = UpstreamState::new(cfg, labels);
+        state.generation = self.generation;
+        (state, token)
     }
 
     fn start_all(&mut self) {
@@ -332,12 +334,9 @@ impl<N: Nginx> Controller<N> {
     }
 
     fn upstream_mut(&mut self, key: &SourceKey) -> Option<&mut UpstreamState> {
-        if key.generation != self.generation {
-            return None;
-        }
         self.upstreams
             .iter_mut()
-            .find(|u| u.cfg.name == key.upstream)
+            .find(|u| u.cfg.name == key.upstream && u.generation == key.generation)
     }
 
     fn on_source(&mut self, update: SourceUpdate) {
@@ -577,36 +576,88 @@ impl<N: Nginx> Controller<N> {
         }
     }
 
-    fn reconfigure(&mut self, cfg: Config) -> Result<(), ControllerError> {
+    /// Applies a new, validated config in place: upstreams whose sources are unchanged keep
+    /// their source tasks and snapshots (and their probe verdicts, unless the health config
+    /// changed); others restart. The `[nginx]` paths and commands are bound to the running
+    /// nginx edge and take effect on restart; `settle`, `min_reload_interval` and `template`
+    /// apply at once.
+    fn reconfigure(&mut self, mut cfg: Config) -> Result<(), ControllerError> {
         self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
-        self.generation += 1;
-        let old: Vec<UpstreamState> = std::mem::take(&mut self.upstreams);
-        for token in self.source_tokens.drain(..) {
-            token.cancel();
+        let (old_nginx, new_nginx) = (&self.cfg.nginx, &cfg.nginx);
+        if (
+            &old_nginx.output,
+            &old_nginx.pid_file,
+            &old_nginx.test_command,
+            &old_nginx.reload_command,
+            old_nginx.confirm_timeout,
+        ) != (
+            &new_nginx.output,
+            &new_nginx.pid_file,
+            &new_nginx.test_command,
+            &new_nginx.reload_command,
+            new_nginx.confirm_timeout,
+        ) {
+            tracing::warn!("The [nginx] output, pid_file, commands and confirm_timeout take effect on restart; keeping the running ones.");
+            cfg.nginx = NginxConfig {
+                settle: cfg.nginx.settle,
+                min_reload_interval: cfg.nginx.min_reload_interval,
+                template: cfg.nginx.template.clone(),
+                ..self.cfg.nginx.clone()
+            };
         }
-        for u in &old {
-            if !cfg.upstreams.iter().any(|n| n.name == u.cfg.name) {
-                self.prober.remove_upstream(&u.cfg.name);
-                for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
-                    self.metrics
-                        .forget(family, ("upstream", u.cfg.name.as_str()));
+        let now = Instant::now();
+        let mut old: Vec<(UpstreamState, CancellationToken)> = self
+            .upstreams
+            .drain(..)
+            .zip(self.source_tokens.drain(..))
+            .collect();
+        let (mut kept, mut restarted) = (0, 0);
+        for ucfg in cfg.upstreams.clone() {
+            let found = old.iter().position(|(o, _)| o.cfg.name == ucfg.name);
+            let (state, token) = match found {
+                Some(i) if old[i].0.cfg.sources == ucfg.sources => {
+                    let (mut state, token) = old.remove(i);
+                    let health_changed = state.cfg.health != ucfg.health;
+                    state.cfg = ucfg;
+                    if health_changed {
+                        state.reset_health(now);
+                    }
+                    kept += 1;
+                    (state, token)
                 }
+                found => {
+                    let prev = found.map(|i| old.remove(i));
+                    self.generation += 1;
+                    let (mut state, token) = self.start_upstream(ucfg);
+                    if let Some((prev, prev_token)) = prev {
+                        prev_token.cancel();
+                        // Verdicts of endpoints that stay carry over when probing is unchanged.
+                        if prev.cfg.health == state.cfg.health {
+                            state.health = prev.health;
+                            state.hinted_404 = prev.hinted_404;
+                        }
+                    }
+                    restarted += 1;
+                    (state, token)
+                }
+            };
+            self.prober
+                .sync(&state.cfg.name, &state.cfg.health, &state.addresses());
+            self.upstreams.push(state);
+            self.source_tokens.push(token);
+        }
+        for (gone, token) in old {
+            token.cancel();
+            self.prober.remove_upstream(&gone.cfg.name);
+            for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
+                self.metrics
+                    .forget(family, ("upstream", gone.cfg.name.as_str()));
             }
         }
         self.cfg = cfg;
-        self.start_all();
-        // Keep the health of endpoints that stay, so a reload does not re-probe from Unknown.
-        for u in &mut self.upstreams {
-            if let Some(prev) = old
-                .iter()
-                .find(|o| o.cfg.name == u.cfg.name && o.cfg.health == u.cfg.health)
-            {
-                u.health = prev.health.clone();
-                u.hinted_404 = prev.hinted_404;
-            }
-        }
+        self.update_gauges();
         self.dirty = true;
-        tracing::info!(upstreams = self.upstreams.len(), "Configuration reloaded.");
+        tracing::info!(kept, restarted, "Configuration reloaded.");
         // Ends the RELOADING=1 that main sent when SIGHUP arrived.
         self.notify("READY", self.notifier.ready());
         Ok(())

@@ -86,6 +86,8 @@ pub struct UpstreamState {
     pub health: BTreeMap<Address, EndpointHealth>,
     /// Whether the "Kotaemon has no /health" hint was logged.
     pub hinted_404: bool,
+    /// The generation of the running source tasks; updates from other generations are stale.
+    pub generation: u64,
 }
 
 fn describe(outcome: &ProbeOutcome) -> String {
@@ -122,6 +124,7 @@ impl UpstreamState {
             endpoints: BTreeMap::new(),
             health: BTreeMap::new(),
             hinted_404: false,
+            generation: 0,
         }
     }
 
@@ -188,6 +191,28 @@ impl UpstreamState {
         }
         self.endpoints = merged;
         delta
+    }
+
+    /// Forgets every probe verdict (the health config changed): endpoints start over from
+    /// `Unknown` and are waited for as new ones are.
+    pub fn reset_health(&mut self, now: Instant) {
+        self.hinted_404 = false;
+        self.health = if self.cfg.health.enabled {
+            self.endpoints
+                .keys()
+                .map(|a| {
+                    let fresh = EndpointHealth {
+                        state: HealthState::new(),
+                        since: now,
+                        last: None,
+                        last_transition: None,
+                    };
+                    (a.clone(), fresh)
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
     }
 
     /// Takes a probe result. Returns the transition it caused, with a reason, if any.
