@@ -97,6 +97,8 @@ pub struct Controller<N: Nginx> {
     handle: ControllerHandle,
     status_rx: mpsc::Receiver<StatusRequest>,
     notifier: Notifier,
+    /// Endpoint counts changed since the gauges were last set.
+    gauges_stale: bool,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -136,6 +138,7 @@ impl<N: Nginx> Controller<N> {
             handle,
             status_rx,
             notifier: Notifier::disabled(),
+            gauges_stale: true,
         }
     }
 
@@ -387,7 +390,7 @@ impl<N: Nginx> Controller<N> {
         }
         let (name, health, addresses) = (u.cfg.name.clone(), u.cfg.health.clone(), u.addresses());
         self.prober.sync(&name, &health, &addresses);
-        self.update_gauges();
+        self.gauges_stale = true;
         self.dirty = true;
     }
 
@@ -423,7 +426,7 @@ impl<N: Nginx> Controller<N> {
                 "upstreamd_health_transitions_total",
                 &[("upstream", name), ("to", to)],
             );
-            self.update_gauges();
+            self.gauges_stale = true;
             self.dirty = true;
         }
     }
@@ -452,6 +455,11 @@ impl<N: Nginx> Controller<N> {
 
     /// One level-triggered pass: render when something changed, apply when due.
     async fn step(&mut self, now: Instant, mode: Mode) -> Result<Option<Outcome>, ControllerError> {
+        if self.gauges_stale {
+            // Once per pass, not per transition: a burst of first probes costs one count.
+            self.gauges_stale = false;
+            self.update_gauges();
+        }
         if !self.upstreams.iter().all(|u| u.sources_ready()) {
             return Ok(None);
         }
@@ -655,7 +663,7 @@ impl<N: Nginx> Controller<N> {
             }
         }
         self.cfg = cfg;
-        self.update_gauges();
+        self.gauges_stale = true;
         self.dirty = true;
         tracing::info!(kept, restarted, "Configuration reloaded.");
         // Ends the RELOADING=1 that main sent when SIGHUP arrived.
