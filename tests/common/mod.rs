@@ -2,6 +2,9 @@
 //! real `upstreamd` binary, each a child process killed and reaped in `Drop`.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod consul;
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
