@@ -416,6 +416,11 @@ impl Replica {
         });
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
     /// Kills the replica abruptly.
     pub fn kill(&mut self) {
         kill_and_reap(&mut self.child);
@@ -554,6 +559,36 @@ pub fn static_config(
         nginx.nginx_section(&format!("settle = \"50ms\"\nmin_reload_interval = \"100ms\"\n{extra_nginx}")),
         servers.join(", ")
     )
+}
+
+/// The `server …;` lines of a rendered file, trimmed, in file order.
+pub fn server_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `server ADDR …;` lines in the order upstreamd renders them: by address (IP, then port).
+pub fn in_render_order(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort_by_key(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|a| a.trim_end_matches(';').parse::<std::net::SocketAddr>().ok())
+    });
+    lines
+}
+
+/// A `wait_spread` predicate: exactly these replicas answered, and nothing failed.
+pub fn exactly(names: &[&str]) -> impl Fn(&std::collections::BTreeMap<String, usize>) -> bool {
+    let want: std::collections::BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+    move |seen| {
+        seen.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            == want
+    }
 }
 
 /// Whether `path` exists.
