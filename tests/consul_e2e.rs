@@ -89,6 +89,7 @@ on_every_lane!(
     a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered,
     the_token_is_sent_and_never_logged,
     a_quiet_service_costs_a_handful_of_requests,
+    a_config_reload_over_an_unchanged_registry_reloads_nothing,
 );
 
 async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
@@ -415,6 +416,37 @@ async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
             "the stand-in saw {at_server}, the daemon logged {sent}"
         );
     }
+}
+
+async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
+    for r in &replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    first_apply(&nginx, &daemon);
+
+    // SIGHUP restarts the source; it lists the same service again.
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the config reload", SHORT, || {
+        daemon.output.text().contains("Configuration reloaded.")
+    });
+    assert_quiet(&nginx, &mut daemon, Duration::from_secs(1), 1);
+
+    // The restarted source still follows the service.
+    reg.deregister("alpha").await;
+    nginx.wait_spread(
+        20,
+        "bravo and charlie to serve",
+        exactly(&["bravo", "charlie"]),
+    );
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -176,8 +176,9 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
 async fn a_leased_key_leaves_when_its_lease_expires() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
-    let [alpha, bravo] = ["alpha", "bravo"].map(Replica::start);
+    let [alpha, bravo, charlie] = ["alpha", "bravo", "charlie"].map(Replica::start);
     put(&mut c, "alpha", &alpha.addr).await;
+    put(&mut c, "charlie", &charlie.addr).await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     let mut daemon = Daemon::start(&config(&nginx, &etcd));
@@ -194,13 +195,17 @@ async fn a_leased_key_leaves_when_its_lease_expires() {
     )
     .await
     .unwrap();
-    nginx.wait_spread(20, "bravo to serve", exactly(&["alpha", "bravo"]));
+    nginx.wait_spread(
+        20,
+        "bravo to serve",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
     assert!(
         granted.elapsed() < ttl,
         "bravo must serve before its lease runs out for this test to mean anything"
     );
 
-    nginx.wait_spread(20, "bravo to leave traffic", exactly(&["alpha"]));
+    nginx.wait_spread(20, "bravo to leave traffic", exactly(&["alpha", "charlie"]));
     let gone = granted.elapsed();
     assert!(!nginx.rendered().contains(&bravo.addr));
     println!(
@@ -333,6 +338,37 @@ async fn an_etcd_outage_changes_nothing_and_a_put_after_it_is_served() {
     );
     // Retry backoff is capped at 3s, plus a 1s request timeout that may be in flight.
     assert!(resync < Duration::from_secs(5), "{resync:?}");
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
+    for r in &replicas {
+        put(&mut c, &r.name, &r.addr).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &etcd));
+    first_apply(&nginx, &daemon);
+
+    // SIGHUP restarts the source; it lists the same prefix again.
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the config reload", SHORT, || {
+        daemon.output.text().contains("Configuration reloaded.")
+    });
+    assert_quiet(&nginx, &mut daemon, Duration::from_secs(1), 1);
+
+    // The restarted source still follows the prefix.
+    c.delete(format!("{PREFIX}alpha"), None).await.unwrap();
+    nginx.wait_spread(
+        20,
+        "bravo and charlie to serve",
+        exactly(&["bravo", "charlie"]),
+    );
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
     assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
 }
