@@ -90,6 +90,7 @@ on_every_lane!(
     the_token_is_sent_and_never_logged,
     a_quiet_service_costs_a_handful_of_requests,
     a_config_reload_over_an_unchanged_registry_reloads_nothing,
+    an_empty_service_renders_the_placeholder_until_the_first_registration,
 );
 
 async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
@@ -445,6 +446,29 @@ async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) 
         "bravo and charlie to serve",
         exactly(&["bravo", "charlie"]),
     );
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+}
+
+async fn an_empty_service_renders_the_placeholder_until_the_first_registration(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let alpha = Replica::start("alpha");
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    first_apply(&nginx, &daemon);
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        ["server 127.0.0.1:1 down;"]
+    );
+    assert!(nginx.test_config().status.success());
+    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+
+    reg.register(registration("alpha", &alpha, json!({}))).await;
+    nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
+    assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
     assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
 }

@@ -372,3 +372,26 @@ async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
     assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn an_empty_prefix_renders_the_placeholder_until_the_first_put() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let alpha = Replica::start("alpha");
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &etcd));
+    first_apply(&nginx, &daemon);
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        ["server 127.0.0.1:1 down;"]
+    );
+    assert!(nginx.test_config().status.success());
+    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+
+    put(&mut c, "alpha", &alpha.addr).await;
+    nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
+    assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+}
