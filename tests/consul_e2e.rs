@@ -45,26 +45,6 @@ fn server(replica: &Replica, attrs: &str) -> String {
     format!("server {}{attrs};", replica.addr)
 }
 
-/// Waits for the daemon's first apply: one reload, and the daemon says the file is current.
-fn first_apply(nginx: &Nginx, daemon: &Daemon) {
-    wait_for("the first reload", SHORT, || nginx.reloads() == 1);
-    wait_for("the daemon to report the file current", SHORT, || {
-        daemon
-            .output
-            .text()
-            .contains("Upstream file is up to date.")
-    });
-}
-
-/// Sleeps through `window` (nothing is expected to happen), then asserts nothing did.
-fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reloads: usize) {
-    let before = nginx.rendered();
-    std::thread::sleep(window);
-    assert_eq!(nginx.reloads(), reloads, "no reload without a change");
-    assert_eq!(nginx.rendered(), before, "the file did not change");
-    assert!(daemon.alive(), "the daemon runs");
-}
-
 macro_rules! on_every_lane {
     ($($name:ident),* $(,)?) => {$(
         mod $name {

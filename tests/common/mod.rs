@@ -526,6 +526,34 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits for a daemon's first apply: nginx's first reload, and the daemon saying the file is
+/// current.
+pub fn first_apply(nginx: &Nginx, daemon: &Daemon) {
+    wait_for("the first reload", Duration::from_secs(10), || {
+        nginx.reloads() == 1
+    });
+    wait_for(
+        "the daemon to report the file current",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .output
+                .text()
+                .contains("Upstream file is up to date.")
+        },
+    );
+}
+
+/// Sleeps through `window`, in which nothing is expected to happen, then asserts that nothing
+/// did: still `reloads` reloads, the same file, the daemon running.
+pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reloads: usize) {
+    let before = nginx.rendered();
+    std::thread::sleep(window);
+    assert_eq!(nginx.reloads(), reloads, "no reload without a change");
+    assert_eq!(nginx.rendered(), before, "the file did not change");
+    assert!(daemon.alive(), "the daemon runs");
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
