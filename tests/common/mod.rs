@@ -2,6 +2,9 @@
 //! real `upstreamd` binary, each a child process killed and reaped in `Drop`.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod consul;
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -413,6 +416,11 @@ impl Replica {
         });
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
     /// Kills the replica abruptly.
     pub fn kill(&mut self) {
         kill_and_reap(&mut self.child);
@@ -530,6 +538,34 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits for a daemon's first apply: nginx's first reload, and the daemon saying the file is
+/// current.
+pub fn first_apply(nginx: &Nginx, daemon: &Daemon) {
+    wait_for("the first reload", Duration::from_secs(10), || {
+        nginx.reloads() == 1
+    });
+    wait_for(
+        "the daemon to report the file current",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .output
+                .text()
+                .contains("Upstream file is up to date.")
+        },
+    );
+}
+
+/// Sleeps through `window`, in which nothing is expected to happen, then asserts that nothing
+/// did: still `reloads` reloads, the same file, the daemon running.
+pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reloads: usize) {
+    let before = nginx.rendered();
+    std::thread::sleep(window);
+    assert_eq!(nginx.reloads(), reloads, "no reload without a change");
+    assert_eq!(nginx.rendered(), before, "the file did not change");
+    assert!(daemon.alive(), "the daemon runs");
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
@@ -563,6 +599,36 @@ pub fn static_config(
         nginx.nginx_section(&format!("settle = \"50ms\"\nmin_reload_interval = \"100ms\"\n{extra_nginx}")),
         servers.join(", ")
     )
+}
+
+/// The `server …;` lines of a rendered file, trimmed, in file order.
+pub fn server_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `server ADDR …;` lines in the order upstreamd renders them: by address (IP, then port).
+pub fn in_render_order(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort_by_key(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|a| a.trim_end_matches(';').parse::<std::net::SocketAddr>().ok())
+    });
+    lines
+}
+
+/// A `wait_spread` predicate: exactly these replicas answered, and nothing failed.
+pub fn exactly(names: &[&str]) -> impl Fn(&std::collections::BTreeMap<String, usize>) -> bool {
+    let want: std::collections::BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+    move |seen| {
+        seen.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            == want
+    }
 }
 
 /// Whether `path` exists.
