@@ -705,7 +705,9 @@ pub fn describe_changes(before: Option<&[Desired]>, after: &[Desired]) -> String
             }
         }
     }
-    if parts.is_empty() {
+    if parts.is_empty() && before.is_none() {
+        "first file".into()
+    } else if parts.is_empty() {
         "attributes only".into()
     } else {
         parts.join(", ")
