@@ -122,6 +122,18 @@ pub fn labels(sources: &[SourceConfig]) -> Vec<String> {
         .collect()
 }
 
+/// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
+/// `step` says to stop (the controller is gone). Every await of a source goes through this.
+pub(crate) async fn until_shutdown(
+    step: impl std::future::Future<Output = bool>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        go_on = step => go_on,
+    }
+}
+
 /// Starts the task for one configured source.
 pub fn spawn(
     key: SourceKey,

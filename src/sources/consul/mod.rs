@@ -51,7 +51,7 @@ use api::{HealthServiceRequest, ServiceEntry};
 use blocking::{request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
 use parse::{parse_entries, Skipped};
 
-use super::{Sink, Source};
+use super::{until_shutdown, Sink, Source};
 use crate::config::ConsulSource;
 
 /// Why a Consul source could not be set up or a request failed. Never carries the token.
@@ -336,18 +336,6 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
         shutdown,
     )
     .await
-}
-
-/// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
-/// `step` says to stop (the controller is gone).
-async fn until_shutdown(
-    step: impl std::future::Future<Output = bool>,
-    shutdown: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        go_on = step => go_on,
-    }
 }
 
 #[cfg(test)]
