@@ -86,9 +86,15 @@ fn init_logging(format: LogFormat) {
 /// Loads and fully validates a config: the file and its template.
 fn load(path: &Path) -> Result<(Config, Renderer), String> {
     let cfg = config::load_file(path).map_err(|e| e.to_string())?;
-    let renderer =
-        Renderer::new(cfg.nginx.template.as_deref()).map_err(|e| format!("nginx.template: {e}"))?;
-    Ok((cfg, renderer))
+    let mut problems = upstreamd::sources::check(&cfg);
+    let renderer = Renderer::new(cfg.nginx.template.as_deref());
+    if let Err(e) = &renderer {
+        problems.push(format!("nginx.template: {e}"));
+    }
+    match renderer {
+        Ok(renderer) if problems.is_empty() => Ok((cfg, renderer)),
+        _ => Err(problems.join("\n")),
+    }
 }
 
 fn load_or_exit(path: &Path) -> Result<(Config, Renderer), ExitCode> {

@@ -362,3 +362,30 @@ fn probing_health_on_kotaemon_logs_the_queue_status_hint_once() {
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     assert!(nginx.rendered().contains("on_all_unhealthy = fail_open"));
 }
+
+#[test]
+fn check_runs_the_sources_own_checks_and_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("bad.j2");
+    std::fs::write(&template, "{% for u in upstreams %}").unwrap();
+    let (_cfg_dir, path) = write_config(&format!(
+        r#"
+[nginx]
+output = "/tmp/never-written.conf"
+template = "{}"
+
+[[upstream]]
+name = "kotaemon"
+
+[[upstream.source]]
+kind = "etcd"
+endpoints = ["https://127.0.0.1:2379"]
+prefix = "/services/kotaemon/"
+"#,
+        template.display()
+    ));
+    let (code, _, stderr) = upstreamd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("upstream[0].source[0]: "), "{stderr}");
+    assert!(stderr.contains("nginx.template: "), "{stderr}");
+}
