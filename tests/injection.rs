@@ -413,7 +413,7 @@ fn static_upstream() -> impl Strategy<Value = toml::Table> {
         0..BALANCES.len(),
         hash_key(),
         config_word(),
-        prop_oneof![16 => (0i64..100), 1 => any::<i64>()],
+        prop_oneof![16 => 0i64..100, 1 => any::<i64>()],
         prop::collection::vec(server, 1..4),
     )
         .prop_map(|(name, b, key, cookie, keepalive, servers)| {
