@@ -152,8 +152,8 @@ fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
         consul.deregister(&format!("k{i}"));
     }
     wait_for("the shrink to be held", SHORT, || gauge_held(&admin) == 1.0);
-    for i in 1..4 {
-        consul.register(&format!("k{i}"), FOUR[i]);
+    for (i, a) in FOUR.iter().enumerate().skip(1) {
+        consul.register(&format!("k{i}"), a);
     }
     wait_for("the hold to be dropped", SHORT, || {
         gauge_held(&admin) == 0.0
