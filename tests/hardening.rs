@@ -364,3 +364,56 @@ fn the_admin_server_binds_exactly_its_listen_address() {
     wait_for("the first reload", SHORT, || nginx2.reloads() == 1);
     assert!(!daemon.output.text().contains("Admin server listening"));
 }
+
+#[test]
+fn the_shared_memory_zone_fits_large_upstreams() {
+    // Found by the crash test: 250 servers overflowed the zone and `nginx -t` refused the file.
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["conf", "logs"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("conf/nginx.conf"),
+        "pid logs/nginx.pid;\nerror_log logs/error.log;\nevents {}\n\
+         http { include upstreams.conf; server { listen 127.0.0.1:1; location / { proxy_pass http://kotaemon; } } }\n",
+    )
+    .unwrap();
+    for n in [1usize, 250, 1000, 10_000] {
+        let servers: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    "{{ address = \"[ffff:ffff:ffff:ffff:ffff:ffff:{:x}:{:x}]:65535\", weight = 1000, max_fails = 1000, fail_timeout = 86400 }}",
+                    0xf000 + i / 65536,
+                    i % 65536
+                )
+            })
+            .collect();
+        let cfg = format!(
+            "[nginx]\noutput = \"{}\"\n[[upstream]]\nname = \"kotaemon\"\n[upstream.health]\nenabled = false\n\
+             [[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
+            dir.path().join("conf/upstreams.conf").display(),
+            servers.join(", ")
+        );
+        let (_cfg_dir, path) = write_config(&cfg);
+        let (code, out, err) =
+            upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
+        assert_eq!(code, 0, "{err}");
+        std::fs::write(dir.path().join("conf/upstreams.conf"), &out).unwrap();
+        let t = Command::new("nginx")
+            .args([
+                "-p",
+                dir.path().to_str().unwrap(),
+                "-c",
+                "conf/nginx.conf",
+                "-t",
+                "-q",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            t.status.success(),
+            "{n} servers: {}",
+            String::from_utf8_lossy(&t.stderr)
+        );
+    }
+}
