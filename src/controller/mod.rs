@@ -2,6 +2,7 @@
 //! wake-up recomputes the whole file from current state, and a changed file is applied after
 //! `settle`, at most once per `min_reload_interval`.
 
+pub mod saved;
 pub mod state;
 pub mod status;
 
@@ -20,7 +21,8 @@ use crate::nginx::{self, Applied, ApplyError, Nginx};
 use crate::notify::Notifier;
 use crate::render::{RenderError, Renderer};
 use crate::sources::{self, SourceEvent, SourceKey, SourceUpdate};
-use state::UpstreamState;
+use saved::Saver;
+use state::{SavedSnapshot, ShrinkEvent, UpstreamState};
 use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
@@ -99,6 +101,8 @@ pub struct Controller<N: Nginx> {
     notifier: Notifier,
     /// Endpoint counts changed since the gauges were last set.
     gauges_stale: bool,
+    /// Keeps each registry source's last good snapshot in `state_dir`, when set.
+    saver: Option<Saver>,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -139,6 +143,7 @@ impl<N: Nginx> Controller<N> {
             status_rx,
             notifier: Notifier::disabled(),
             gauges_stale: true,
+            saver: None,
         }
     }
 
@@ -196,7 +201,7 @@ impl<N: Nginx> Controller<N> {
             upstreams: self
                 .upstreams
                 .iter()
-                .map(|u| status::upstream_status(u, now, None))
+                .map(|u| status::upstream_status(u, now, u.shrink_held(now)))
                 .collect(),
             last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
             change_pending: self.pending_since.is_some(),
@@ -220,12 +225,45 @@ impl<N: Nginx> Controller<N> {
             );
             sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
         }
+        self.metrics.set(
+            "upstreamd_shrink_held",
+            &[("upstream", cfg.name.as_str())],
+            0.0,
+        );
         let mut state = UpstreamState::new(cfg, labels);
         state.generation = self.generation;
+        self.load_saved(&mut state);
         (state, token)
     }
 
+    /// Reads the snapshots an earlier run saved for this upstream's registry sources.
+    fn load_saved(&self, state: &mut UpstreamState) {
+        let Some(saver) = &self.saver else { return };
+        for (scfg, src) in state.cfg.sources.iter().zip(&mut state.sources) {
+            let Some(identity) = saved::identity(scfg) else {
+                continue;
+            };
+            match saver.load(&state.cfg.name, &src.label, &identity) {
+                Ok(Some(saved)) => {
+                    tracing::info!(upstream = %state.cfg.name, source = %src.label,
+                        endpoints = saved.endpoints.len(),
+                        "Found the snapshot an earlier run saved; it is used only if the source fails before its first answer.");
+                    src.saved = Some(saved);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(upstream = %state.cfg.name, source = %src.label, %error,
+                    "Could not use the saved snapshot.")
+                }
+            }
+        }
+    }
+
     fn start_all(&mut self) {
+        let dir = self.cfg.nginx.state_dir.as_deref();
+        if self.saver.as_ref().map(Saver::dir) != dir {
+            self.saver = dir.map(Saver::start);
+        }
         for u in self.cfg.upstreams.clone() {
             let (state, token) = self.start_upstream(u);
             self.upstreams.push(state);
@@ -290,6 +328,7 @@ impl<N: Nginx> Controller<N> {
                 },
                 _ = sleep_until(wake.into()) => {}
             }
+            self.release_holds(Instant::now());
             if let Some(done) = self.step(Instant::now(), mode).await? {
                 return Ok(done);
             }
@@ -325,7 +364,8 @@ impl<N: Nginx> Controller<N> {
             .filter_map(|u| u.pending_first_probe(now))
             .min();
         let apply = self.pending_since.map(|p| self.apply_at(p));
-        probes.into_iter().chain(apply).min()
+        let holds = self.upstreams.iter().filter_map(|u| u.next_release()).min();
+        probes.into_iter().chain(apply).chain(holds).min()
     }
 
     fn apply_at(&self, pending_since: Instant) -> Instant {
@@ -377,6 +417,10 @@ impl<N: Nginx> Controller<N> {
             }
         }
         let delta = u.on_source(key.index, event, now);
+        self.after_source(&key, &delta, now);
+        let Some(u) = self.upstream_mut(&key) else {
+            return;
+        };
         if !delta.changed {
             return;
         }
@@ -392,6 +436,102 @@ impl<N: Nginx> Controller<N> {
         self.prober.sync(&name, &health, &addresses);
         self.gauges_stale = true;
         self.dirty = true;
+    }
+
+    /// The shrink guard's log lines and gauge, the saved-snapshot start, and saving a new
+    /// snapshot, for one source update.
+    fn after_source(&mut self, key: &SourceKey, delta: &state::Delta, now: Instant) {
+        let Some(u) = self.upstreams.iter().find(|u| u.cfg.name == key.upstream) else {
+            return;
+        };
+        let (name, label) = (key.upstream.as_str(), key.label.as_str());
+        let src = &u.sources[key.index];
+        match delta.shrink {
+            ShrinkEvent::Held => {
+                let held = src.held.as_ref();
+                tracing::warn!(
+                    upstream = name, source = label,
+                    before = held.map_or(0, |h| h.before), after = held.map_or(0, |h| h.after),
+                    max_shrink = u.cfg.max_shrink, hold = %humantime::format_duration(u.cfg.shrink_hold),
+                    "SHRINK HELD: the source answered without most of the upstream's endpoints; not applying it for shrink_hold (a registry losing data, or an ACL token that lost read access, looks like this). A deliberate scale-down passes when the hold ends."
+                );
+            }
+            ShrinkEvent::Dropped => tracing::info!(
+                upstream = name,
+                source = label,
+                "The held shrink is dropped: the source answered with the endpoints again."
+            ),
+            ShrinkEvent::StillHeld | ShrinkEvent::None => {}
+        }
+        if delta.started_from_saved {
+            let age = src
+                .saved
+                .as_ref()
+                .and_then(|s| s.saved_at)
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string());
+            tracing::warn!(upstream = name, source = label,
+                endpoints = src.snapshot.as_ref().map_or(0, Vec::len),
+                saved_ago = age.as_deref().unwrap_or("before the config reload"),
+                "The source failed before its first answer; starting from its saved snapshot (stale until it answers).");
+        }
+        if delta.snapshot_changed {
+            self.save_snapshot(key.upstream.clone(), key.index);
+        }
+        self.update_shrink_gauge(&key.upstream, now);
+    }
+
+    fn update_shrink_gauge(&self, upstream: &crate::model::UpstreamName, now: Instant) {
+        if let Some(u) = self.upstreams.iter().find(|u| &u.cfg.name == upstream) {
+            let held = u.shrink_held(now).is_some();
+            self.metrics.set(
+                "upstreamd_shrink_held",
+                &[("upstream", upstream.as_str())],
+                if held { 1.0 } else { 0.0 },
+            );
+        }
+    }
+
+    /// Queues the snapshot of source `index` of `upstream` for `state_dir`.
+    fn save_snapshot(&self, upstream: crate::model::UpstreamName, index: usize) {
+        let Some(saver) = &self.saver else { return };
+        let Some(u) = self.upstreams.iter().find(|u| u.cfg.name == upstream) else {
+            return;
+        };
+        let (Some(scfg), Some(src)) = (u.cfg.sources.get(index), u.sources.get(index)) else {
+            return;
+        };
+        if let (Some(identity), Some(snapshot)) = (saved::identity(scfg), &src.snapshot) {
+            saver.save(&upstream, &src.label, &identity, snapshot);
+        }
+    }
+
+    /// Applies held shrinks whose `shrink_hold` has passed.
+    fn release_holds(&mut self, now: Instant) {
+        for i in 0..self.upstreams.len() {
+            let Some((released, delta)) = self.upstreams[i].release_held(now) else {
+                continue;
+            };
+            let u = &self.upstreams[i];
+            let name = u.cfg.name.clone();
+            for &index in &released {
+                tracing::warn!(upstream = %name, source = %u.sources[index].label,
+                    removed = ?delta.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "The shrink held for shrink_hold is now applied.");
+            }
+            let (health, addresses) = (u.cfg.health.clone(), u.addresses());
+            if delta.snapshot_changed {
+                for &index in &released {
+                    self.save_snapshot(name.clone(), index);
+                }
+            }
+            self.update_shrink_gauge(&name, now);
+            if delta.changed {
+                self.prober.sync(&name, &health, &addresses);
+                self.update_gauges();
+                self.dirty = true;
+            }
+        }
     }
 
     fn on_probe(&mut self, r: ProbeReport) {
@@ -587,8 +727,8 @@ impl<N: Nginx> Controller<N> {
     /// Applies a new, validated config in place: upstreams whose sources are unchanged keep
     /// their source tasks and snapshots (and their probe verdicts, unless the health config
     /// changed); others restart. The `[nginx]` paths and commands are bound to the running
-    /// nginx edge and take effect on restart; `settle`, `min_reload_interval` and `template`
-    /// apply at once.
+    /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template` and
+    /// `state_dir` apply at once.
     fn reconfigure(&mut self, mut cfg: Config) -> Result<(), ControllerError> {
         self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
         let (old_nginx, new_nginx) = (&self.cfg.nginx, &cfg.nginx);
@@ -610,8 +750,13 @@ impl<N: Nginx> Controller<N> {
                 settle: cfg.nginx.settle,
                 min_reload_interval: cfg.nginx.min_reload_interval,
                 template: cfg.nginx.template.clone(),
+                state_dir: cfg.nginx.state_dir.clone(),
                 ..self.cfg.nginx.clone()
             };
+        }
+        let dir = cfg.nginx.state_dir.as_deref();
+        if self.saver.as_ref().map(Saver::dir) != dir {
+            self.saver = dir.map(Saver::start);
         }
         let now = Instant::now();
         let mut old: Vec<(UpstreamState, CancellationToken)> = self
@@ -640,6 +785,7 @@ impl<N: Nginx> Controller<N> {
                     if let Some((prev, prev_token)) = prev {
                         prev_token.cancel();
                         // Verdicts of endpoints that stay carry over when probing is unchanged.
+                        carry_snapshots(&prev, &mut state);
                         if prev.cfg.health == state.cfg.health {
                             state.health = prev.health;
                             state.hinted_404 = prev.hinted_404;
@@ -657,7 +803,11 @@ impl<N: Nginx> Controller<N> {
         for (gone, token) in old {
             token.cancel();
             self.prober.remove_upstream(&gone.cfg.name);
-            for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
+            for family in [
+                "upstreamd_endpoints",
+                "upstreamd_source_up",
+                "upstreamd_shrink_held",
+            ] {
                 self.metrics
                     .forget(family, ("upstream", gone.cfg.name.as_str()));
             }
@@ -669,6 +819,23 @@ impl<N: Nginx> Controller<N> {
         // Ends the RELOADING=1 that main sent when SIGHUP arrived.
         self.notify("READY", self.notifier.ready());
         Ok(())
+    }
+}
+
+/// When a reload restarts an upstream, each of its sources configured as before keeps its last
+/// snapshot as its saved one, so it is the shrink guard's baseline and the fallback if the
+/// restarted source fails before answering.
+fn carry_snapshots(prev: &UpstreamState, new: &mut UpstreamState) {
+    for (i, src) in new.sources.iter_mut().enumerate() {
+        let same = prev.cfg.sources.get(i) == new.cfg.sources.get(i);
+        if let (true, Some(endpoints)) =
+            (same, prev.sources.get(i).and_then(|p| p.snapshot.clone()))
+        {
+            src.saved = Some(SavedSnapshot {
+                endpoints,
+                saved_at: None,
+            });
+        }
     }
 }
 

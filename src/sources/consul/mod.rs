@@ -185,6 +185,19 @@ impl ConsulWatch {
     }
 }
 
+/// Parses one `/v1/health/service` answer body the way the source does: the JSON array
+/// decoded leniently, then every instance validated. Returns the valid endpoints and how many
+/// instances were skipped. The source itself gets the decoded body from consulrs; this entry
+/// point exists so property tests and fuzz targets reach the same parser from raw bytes.
+pub fn parse_answer(
+    body: &[u8],
+    tags: &[String],
+) -> Result<(Vec<crate::model::Endpoint>, usize), serde_json::Error> {
+    let entries: Vec<ServiceEntry> = serde_json::from_slice(body)?;
+    let parsed = parse_entries(&entries, tags);
+    Ok((parsed.endpoints, parsed.skipped.len()))
+}
+
 fn check_url(raw: &str) -> Result<String, ConsulError> {
     let bad = |reason| ConsulError::BadUrl {
         url: raw.to_owned(),
