@@ -1,11 +1,16 @@
 //! Registry failure modes through the real daemon and a real nginx: the shrink guard against
 //! the Consul stand-in, a restart during a registry outage with `state_dir`, and secrets
 //! (a Consul token and an etcd password) kept out of the log, `/status` and `/metrics`.
+//!
+//! The test bodies are async for the registry clients (`common::consul`, `common::etcd`); waits
+//! on nginx and the daemon block the test's own thread, as in `consul_e2e.rs`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::consul::{instance, Lane, Registry};
+use common::etcd::Etcd;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -15,7 +20,7 @@ const SHORT: Duration = Duration::from_secs(15);
 /// server; probes on `/queue/status` when `probe`, off otherwise. Returns (config, admin).
 fn consul_config(
     nginx: &Nginx,
-    consul: &ConsulStandin,
+    consul: &Registry,
     probe: bool,
     extra_nginx: &str,
     extra_upstream: &str,
@@ -33,9 +38,21 @@ fn consul_config(
         nginx.nginx_section(&format!(
             "settle = \"50ms\"\nmin_reload_interval = \"100ms\"\n{extra_nginx}"
         )),
-        consul.url()
+        consul.url
     );
     (cfg, admin)
+}
+
+/// Registers instance `id` of service `kotaemon` at `addr` (`host:port`), passing.
+async fn register(consul: &Registry, id: &str, addr: &str) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let def = instance(id, host, port.parse().unwrap(), &[], serde_json::json!({}));
+    consul.register(def).await;
+}
+
+/// The Consul stand-in, requiring `token` when given.
+async fn standin(token: Option<&str>) -> Registry {
+    Registry::start(Lane::Standin, token).await.unwrap()
 }
 
 fn servers(text: &str) -> usize {
@@ -63,11 +80,11 @@ const FOUR: [&str; 4] = [
     "127.0.0.5:7860",
 ];
 
-#[test]
-fn losing_three_of_four_endpoints_at_once_is_held_for_shrink_hold_then_applied() {
-    let consul = ConsulStandin::start(None);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn losing_three_of_four_endpoints_at_once_is_held_for_shrink_hold_then_applied() {
+    let consul = standin(None).await;
     for (i, a) in FOUR.iter().enumerate() {
-        consul.register(&format!("k{i}"), a);
+        register(&consul, &format!("k{i}"), a).await;
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
@@ -79,15 +96,15 @@ fn losing_three_of_four_endpoints_at_once_is_held_for_shrink_hold_then_applied()
 
     // Take the three away in one answer, as a registry that lost data (or an ACL token that
     // lost service:read) would: make the source fail, change the catalog, let it answer.
-    consul.fault("error500");
-    consul.register_other("wake-the-blocked-query");
+    consul.fault("error500").await;
+    consul.register_other("wake-the-blocked-query").await;
     wait_for("the source to fail", SHORT, || {
         status_of(&admin).is_some_and(|s| s["upstreams"][0]["sources"][0]["up"] == false)
     });
     for i in 1..4 {
-        consul.deregister(&format!("k{i}"));
+        consul.deregister(&format!("k{i}")).await;
     }
-    consul.fault("none");
+    consul.fault("none").await;
 
     wait_for("the shrink to be held", SHORT, || {
         status_of(&admin).is_some_and(|s| !s["upstreams"][0]["shrink_held"].is_null())
@@ -128,11 +145,11 @@ fn losing_three_of_four_endpoints_at_once_is_held_for_shrink_hold_then_applied()
         .contains("The shrink held for shrink_hold is now applied."));
 }
 
-#[test]
-fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
-    let consul = ConsulStandin::start(None);
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
+    let consul = standin(None).await;
     for (i, a) in FOUR.iter().enumerate() {
-        consul.register(&format!("k{i}"), a);
+        register(&consul, &format!("k{i}"), a).await;
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
@@ -149,11 +166,11 @@ fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
     let before = nginx.rendered();
 
     for i in 1..4 {
-        consul.deregister(&format!("k{i}"));
+        consul.deregister(&format!("k{i}")).await;
     }
     wait_for("the shrink to be held", SHORT, || gauge_held(&admin) == 1.0);
     for (i, a) in FOUR.iter().enumerate().skip(1) {
-        consul.register(&format!("k{i}"), a);
+        register(&consul, &format!("k{i}"), a).await;
     }
     wait_for("the hold to be dropped", SHORT, || {
         gauge_held(&admin) == 0.0
@@ -167,13 +184,12 @@ fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
         .contains("The held shrink is dropped: the source answered with the endpoints again."));
 }
 
-#[test]
-fn a_restart_during_a_consul_outage_starts_from_the_saved_snapshot() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_restart_during_a_consul_outage_starts_from_the_saved_snapshot() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
-    let consul_addr = format!("127.0.0.1:{}", free_port());
-    let mut consul = ConsulStandin::start_on(&consul_addr, None);
+    let mut consul = standin(None).await;
     for (i, r) in replicas.iter().enumerate() {
-        consul.register(&format!("k{i}"), &r.addr);
+        register(&consul, &format!("k{i}"), &r.addr).await;
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
@@ -239,10 +255,11 @@ fn a_restart_during_a_consul_outage_starts_from_the_saved_snapshot() {
     });
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
 
-    // Consul comes back with both instances: the source is live again.
-    let consul = ConsulStandin::start_on(&consul_addr, None);
-    consul.register("k0", &replicas[0].addr);
-    consul.register("k1", &replicas[1].addr);
+    // Consul comes back (on the same address, empty) with both instances: the source is
+    // live again.
+    consul.restart().await;
+    register(&consul, "k0", &replicas[0].addr).await;
+    register(&consul, "k1", &replicas[1].addr).await;
     wait_for("the source to answer again", SHORT, || {
         status_of(&admin).is_some_and(|s| {
             s["upstreams"][0]["sources"][0]["up"] == true
@@ -251,16 +268,21 @@ fn a_restart_during_a_consul_outage_starts_from_the_saved_snapshot() {
     });
 }
 
-#[test]
-fn tokens_and_passwords_never_reach_the_log_status_or_metrics() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn tokens_and_passwords_never_reach_the_log_status_or_metrics() {
     const TOKEN: &str = "consul-TOKEN-7f3a9c1e";
     const PASSWORD: &str = "etcd-PASSWORD-5b2d8e4f";
     const ROOT_PW: &str = "etcd-ROOT-0c9a";
-    let consul = ConsulStandin::start(Some(TOKEN));
-    consul.register("k0", "127.0.0.2:7860");
-    let mut etcd = Etcd::start();
-    etcd.put("/services/other/a", "127.0.0.3:7860");
-    etcd.enable_auth(ROOT_PW, "upstreamd", PASSWORD, "/services/other/");
+    let consul = standin(Some(TOKEN)).await;
+    register(&consul, "k0", "127.0.0.2:7860").await;
+    let mut etcd = Etcd::start().await;
+    etcd.client()
+        .await
+        .put("/services/other/a", "127.0.0.3:7860", None)
+        .await
+        .unwrap();
+    etcd.enable_auth(ROOT_PW, "upstreamd", PASSWORD, "/services/other/")
+        .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     let secrets = tempfile::tempdir().unwrap();
@@ -275,7 +297,7 @@ fn tokens_and_passwords_never_reach_the_log_status_or_metrics() {
          username = \"upstreamd\"\npassword_file = \"{}\"\n",
         cfg,
         token_file.display(),
-        etcd.url,
+        etcd.url(),
         password_file.display()
     );
     // Good credentials: both render.

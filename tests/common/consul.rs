@@ -70,6 +70,42 @@ fn relay(child: &mut Child, prefix: &'static str) -> std::sync::mpsc::Receiver<S
     rx
 }
 
+/// Starts `consul-standin` listening on `listen` (port 0: a free one) and waits for it to
+/// report its address: (child, `http://ADDR`).
+fn spawn_standin(listen: &str, token: Option<&str>, node_address: &str) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-standin"));
+    cmd.args([
+        "--listen",
+        listen,
+        "--node-name",
+        "standin",
+        "--node-address",
+        node_address,
+    ]);
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start consul-standin");
+    let first = relay(&mut child, "standin").recv_timeout(Duration::from_secs(10));
+    match first
+        .as_deref()
+        .ok()
+        .and_then(|l| l.strip_prefix("consul-standin listening on "))
+    {
+        Some(url) => (child, url.to_owned()),
+        None => {
+            // Reap it before failing.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("consul-standin did not report its address: {first:?}");
+        }
+    }
+}
+
 impl Registry {
     /// Starts the registry for `lane`; `None` (after saying so) when the lane is unavailable.
     pub async fn start(lane: Lane, token: Option<&str>) -> Option<Self> {
@@ -88,37 +124,7 @@ impl Registry {
     }
 
     fn standin(token: Option<&str>, node_address: &str) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-standin"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            "standin",
-            "--node-address",
-            node_address,
-        ]);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start consul-standin");
-        let first = relay(&mut child, "standin").recv_timeout(Duration::from_secs(10));
-        let url = match first
-            .as_deref()
-            .ok()
-            .and_then(|l| l.strip_prefix("consul-standin listening on "))
-        {
-            Some(url) => url.to_owned(),
-            None => {
-                // Reap it before failing.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("consul-standin did not report its address: {first:?}");
-            }
-        };
+        let (child, url) = spawn_standin("127.0.0.1:0", token, node_address);
         Self::new(
             child,
             url,
@@ -288,6 +294,41 @@ impl Registry {
         );
     }
 
+    /// Stand-in only: registers instance `id` of another service, `other`. Bumps the index
+    /// (waking blocked queries) without changing [`SERVICE`].
+    pub async fn register_other(&self, id: &str) {
+        assert_eq!(
+            self.lane,
+            Lane::Standin,
+            "register_other is for the stand-in"
+        );
+        self.register(json!({"Name": "other", "ID": id, "Address": "127.0.0.9", "Port": 9}))
+            .await;
+    }
+
+    /// Kills the registry abruptly (SIGKILL) and reaps it: its address stops answering.
+    pub fn kill(&mut self) {
+        // Already exited is fine; wait() reaps it either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stand-in only: kills it if it still runs, then starts a new stand-in on the same
+    /// address, token and node, and waits until it answers. The new one starts empty, as a
+    /// Consul that lost its data; register the instances again.
+    pub async fn restart(&mut self) {
+        assert_eq!(self.lane, Lane::Standin, "restart is for the stand-in");
+        self.kill();
+        let listen = self.url.strip_prefix("http://").unwrap().to_owned();
+        let (child, url) = spawn_standin(&listen, self.token.as_deref(), &self.node_address);
+        assert_eq!(
+            url, self.url,
+            "the restarted stand-in is on the same address"
+        );
+        self.child = child;
+        self.wait_ready().await;
+    }
+
     /// Stand-in only: request counts and the last token and query seen.
     pub async fn stats(&self) -> Value {
         assert_eq!(self.lane, Lane::Standin, "stats are a stand-in control");
@@ -308,9 +349,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        // Already exited is fine; wait() reaps it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Etcd {
     peer_port: u16,
     /// Set for a TLS etcd (`start_tls`).
     pub certs: Option<Certs>,
+    /// `root`'s password once `enable_auth` turned auth on: the test client logs in with it.
+    root_password: Option<String>,
     child: Option<Child>,
 }
 
@@ -59,6 +61,7 @@ impl Etcd {
             client_port,
             peer_port,
             certs,
+            root_password: None,
             child: None,
         };
         etcd.spawn().await;
@@ -199,9 +202,49 @@ impl Etcd {
             ),
             None => ConnectOptions::new(),
         };
+        let opts = match &self.root_password {
+            Some(pw) => opts.with_user("root", pw),
+            None => opts,
+        };
         Client::connect([self.url()], Some(opts))
             .await
             .expect("connect the test client")
+    }
+
+    /// Turns auth on: user `root` (password `root_password`, role `root`), and `user`
+    /// (password `user_password`) who may only read keys under `prefix`. The test client
+    /// (`client`) logs in as root from then on.
+    pub async fn enable_auth(
+        &mut self,
+        root_password: &str,
+        user: &str,
+        user_password: &str,
+        prefix: &str,
+    ) {
+        fn step<T>(what: &str, r: Result<T, etcd_client::Error>) {
+            if let Err(e) = r {
+                panic!("etcd auth setup, {what}: {e}");
+            }
+        }
+        let mut c = self.client().await;
+        step("add root", c.user_add("root", root_password, None).await);
+        step(
+            "grant root the root role",
+            c.user_grant_role("root", "root").await,
+        );
+        step("add role reader", c.role_add("reader").await);
+        let read = etcd_client::Permission::read(prefix).with_prefix();
+        step(
+            "let reader read the prefix",
+            c.role_grant_permission("reader", read).await,
+        );
+        step("add the user", c.user_add(user, user_password, None).await);
+        step(
+            "grant the user reader",
+            c.user_grant_role(user, "reader").await,
+        );
+        step("enable auth", c.auth_enable().await);
+        self.root_password = Some(root_password.to_owned());
     }
 
     /// The source's config for `prefix`, with short timeouts.

@@ -164,12 +164,56 @@ impl Nginx {
             .ok()
     }
 
+    /// The master's pid (the child this harness started).
+    pub fn master(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The master's children (workers, old generations still draining included), once it
+    /// has at least one.
+    pub fn wait_for_workers(&self) -> std::collections::BTreeSet<i32> {
+        let mut workers = std::collections::BTreeSet::new();
+        wait_for("nginx workers", Duration::from_secs(5), || {
+            workers = children(self.child.id()).into_iter().collect();
+            !workers.is_empty()
+        });
+        workers
+    }
+
+    /// `nginx -p DIR -c conf/nginx.conf` followed by `extra`: a command line for this nginx.
+    pub fn command(&self, extra: &[&str]) -> Vec<String> {
+        let dir = self.dir.path().display().to_string();
+        ["nginx", "-p", &dir, "-c", "conf/nginx.conf"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    }
+
     /// The `test_command` for this nginx, as TOML.
     pub fn test_command_toml(&self) -> String {
-        format!(
-            r#"["nginx", "-p", "{}", "-c", "conf/nginx.conf", "-t", "-q"]"#,
-            self.dir.path().display()
-        )
+        let argv: Vec<String> = self
+            .command(&["-t", "-q"])
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        format!("[{}]", argv.join(", "))
+    }
+
+    /// The library's `[nginx]` for this nginx: the given test command, SIGHUP (no reload
+    /// command), settle 250 ms, min_reload_interval 2 s, confirm_timeout 2 s.
+    pub fn config(&self, test_command: Vec<String>) -> upstreamd::config::NginxConfig {
+        upstreamd::config::NginxConfig {
+            output: self.output(),
+            pid_file: self.pid_file(),
+            test_command,
+            reload_command: vec![],
+            template: None,
+            settle: Duration::from_millis(250),
+            min_reload_interval: Duration::from_secs(2),
+            confirm_timeout: Duration::from_secs(2),
+            state_dir: None,
+        }
     }
 
     /// The `[nginx]` section pointing at this nginx, with the given extra lines.
@@ -197,17 +241,8 @@ impl Nginx {
 
     /// Runs `nginx -t` against the current files.
     pub fn test_config(&self) -> std::process::Output {
-        Command::new("nginx")
-            .args([
-                "-p",
-                self.dir.path().to_str().unwrap(),
-                "-c",
-                "conf/nginx.conf",
-                "-t",
-                "-q",
-            ])
-            .output()
-            .unwrap()
+        let argv = self.command(&["-t", "-q"]);
+        Command::new(&argv[0]).args(&argv[1..]).output().unwrap()
     }
 
     /// The rendered include file.
@@ -282,7 +317,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         // Workers are found before the master goes: once it is gone they belong to init.
         let workers = children(self.child.id());
-        let master = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let master = self.master();
         // SIGTERM: nginx's fast shutdown takes the workers down with the master.
         if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
             let start = Instant::now();
@@ -669,254 +704,6 @@ pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
-/// The consul stand-in (`consul-standin`), a child process killed and reaped in `Drop`.
-pub struct ConsulStandin {
-    /// `host:port` it listens on.
-    pub addr: String,
-    pub output: Output,
-    token: Option<String>,
-    child: Child,
-}
-
-impl ConsulStandin {
-    /// Starts a stand-in on a free port, requiring `token` when given.
-    pub fn start(token: Option<&str>) -> Self {
-        Self::start_on(&format!("127.0.0.1:{}", free_port()), token)
-    }
-
-    /// Starts a stand-in on `addr`.
-    pub fn start_on(addr: &str, token: Option<&str>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-standin"));
-        cmd.args(["--listen", addr]);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let output = Output::default();
-        output.capture(&mut child, "consul-standin");
-        let c = Self {
-            addr: addr.to_owned(),
-            output,
-            token: token.map(Into::into),
-            child,
-        };
-        wait_for(
-            "the consul stand-in to listen",
-            Duration::from_secs(10),
-            || c.output.text().contains("listening on"),
-        );
-        c
-    }
-
-    /// Its base URL.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn put(&self, path: &str, body: &str) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let token = self
-            .token
-            .as_deref()
-            .map(|t| format!("X-Consul-Token: {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "PUT {path} HTTP/1.1\r\nHost: {}\r\n{token}Content-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "PUT {path}: {answer}");
-    }
-
-    /// Registers service `kotaemon` instance `id` at `addr` (`host:port`), passing.
-    pub fn register(&self, id: &str, addr: &str) {
-        let (host, port) = addr.rsplit_once(':').unwrap();
-        self.put(
-            "/v1/agent/service/register",
-            &serde_json::json!({"Name": "kotaemon", "ID": id, "Address": host,
-                                "Port": port.parse::<u16>().unwrap()})
-            .to_string(),
-        );
-    }
-
-    /// Deregisters instance `id`.
-    pub fn deregister(&self, id: &str) {
-        self.put(&format!("/v1/agent/service/deregister/{id}"), "");
-    }
-
-    /// Kills it abruptly.
-    pub fn kill(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
-impl Drop for ConsulStandin {
-    fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
-impl ConsulStandin {
-    /// Registers instance `id` of another service (`other`): bumps the index without
-    /// changing `kotaemon`.
-    pub fn register_other(&self, id: &str) {
-        self.put(
-            "/v1/agent/service/register",
-            &serde_json::json!({"Name": "other", "ID": id, "Address": "127.0.0.9", "Port": 9})
-                .to_string(),
-        );
-    }
-
-    /// Sets the stand-in's fault mode: `none`, `error500`, `hang`, `reset-index`.
-    pub fn fault(&self, mode: &str) {
-        let answer = http_request(
-            &self.addr,
-            "POST",
-            "/_standin/fault",
-            mode,
-            Duration::from_secs(5),
-        );
-        assert!(
-            matches!(answer, Some((200..=299, _))),
-            "fault {mode}: {answer:?}"
-        );
-    }
-}
-
-/// A single-node etcd 3.4 on free ports, killed and reaped in `Drop`.
-pub struct Etcd {
-    pub url: String,
-    dir: tempfile::TempDir,
-    child: Child,
-    /// `user:password` for etcdctl once auth is on.
-    root: Option<String>,
-}
-
-impl Etcd {
-    /// Starts etcd and waits until it is healthy.
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = {
-            let (a, b) = (
-                TcpListener::bind("127.0.0.1:0").unwrap(),
-                TcpListener::bind("127.0.0.1:0").unwrap(),
-            );
-            (
-                a.local_addr().unwrap().port(),
-                b.local_addr().unwrap().port(),
-            )
-        };
-        let url = format!("http://127.0.0.1:{client}");
-        let peer = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=default={peer}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("etcd is installed (apt-get install etcd-server)");
-        let e = Self {
-            url,
-            dir,
-            child,
-            root: None,
-        };
-        wait_for("etcd to be healthy", Duration::from_secs(20), || {
-            e.ctl_status(&["endpoint", "health"]).0
-        });
-        e
-    }
-
-    fn ctl_status(&self, args: &[&str]) -> (bool, String) {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.url))
-            .args(["--dial-timeout=1s", "--command-timeout=3s"]);
-        if let Some(root) = &self.root {
-            cmd.arg(format!("--user={root}"));
-        }
-        let out = cmd.args(args).output().expect("etcdctl is installed");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    /// Runs etcdctl, panicking on failure.
-    pub fn ctl(&self, args: &[&str]) -> String {
-        let (ok, out) = self.ctl_status(args);
-        assert!(ok, "etcdctl {args:?}: {out}");
-        out
-    }
-
-    /// Puts `key` = `value`.
-    pub fn put(&self, key: &str, value: &str) {
-        self.ctl(&["put", key, value]);
-    }
-
-    /// Turns auth on: `root` (password `root_pw`) and `user` (password `user_pw`) who may
-    /// read `prefix` only.
-    pub fn enable_auth(&mut self, root_pw: &str, user: &str, user_pw: &str, prefix: &str) {
-        self.ctl(&[
-            "user",
-            "add",
-            &format!("root:{root_pw}"),
-            "--interactive=false",
-        ]);
-        self.ctl(&["user", "grant-role", "root", "root"]);
-        self.ctl(&["role", "add", "reader"]);
-        self.ctl(&[
-            "role",
-            "grant-permission",
-            "reader",
-            "read",
-            prefix,
-            "--prefix=true",
-        ]);
-        self.ctl(&[
-            "user",
-            "add",
-            &format!("{user}:{user_pw}"),
-            "--interactive=false",
-        ]);
-        self.ctl(&["user", "grant-role", user, "reader"]);
-        self.ctl(&["auth", "enable"]);
-        self.root = Some(format!("root:{root_pw}"));
-    }
-
-    /// Its log.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
 }
 
 /// The local addresses listening on TCP `port`, from /proc/net/tcp and tcp6 (hex as the
