@@ -115,7 +115,7 @@ async fn rss_and_open_fds_stay_flat_through_thousands_of_membership_changes() {
     eprintln!(
         "figure: soak {secs}s: {changes} registry writes, {reloads} nginx reloads; \
          RSS after warm-up {}–{} KiB (first quarter mean {early:.0}, last {late:.0}); \
-         open fds {}–{}; last apply {}",
+         open fds {}–{} (transient: nginx -t pipes, probe reconnects); last apply {}",
         rss.iter().min().unwrap(),
         rss.iter().max().unwrap(),
         fds.iter().min().unwrap(),
@@ -134,9 +134,19 @@ async fn rss_and_open_fds_stay_flat_through_thousands_of_membership_changes() {
         "RSS grew {:.0} KiB between the first and last quarter after warm-up",
         late - early
     );
+    // A sample can land while `nginx -t` runs (its pipes) or a probe reconnects: compare the
+    // typical count early and late, not single samples.
+    let median = |xs: &[usize]| {
+        let mut v = xs.to_vec();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let (fds_early, fds_late) = (
+        median(&fds[..quarter.max(1)]),
+        median(&fds[fds.len() - quarter.max(1)..]),
+    );
     assert!(
-        fds.iter().max().unwrap() - fds.iter().min().unwrap() <= 4,
-        "open fds drifted: {:?}",
-        fds
+        fds_late <= fds_early + 2,
+        "open fds drifted from {fds_early} to {fds_late}: {fds:?}"
     );
 }
