@@ -43,17 +43,22 @@ nginx -p "$dir" -c conf/nginx.conf -g 'daemon off;' & pids+=($!)
 "$bin/upstreamd" run --config "$dir/upstreamd.toml" 2> >(sed 's/^/[upstreamd] /' >&2) & pids+=($!)
 
 reloads() { grep -c 'signal 1 (SIGHUP) received' "$dir/logs/error.log" || true; }
-spread() { for _ in $(seq 30); do curl -s http://127.0.0.1:8080/ | awk '{print $NF}'; done | sort | uniq -c | tr '\n' ' '; echo; }
+# A different affinity cookie per request, as 30 different browsers would send.
+spread() { for i in $(seq 30); do curl -s -H "Cookie: kh_affinity=demo$i" http://127.0.0.1:8080/ | awk '{print $NF}'; done | sort | uniq -c | tr '\n' ' '; echo; }
 wait_for() { for _ in $(seq 100); do eval "$1" && return 0; sleep 0.1; done; echo "timed out: $1"; exit 1; }
 show() { echo; echo "== $1"; grep -E '^\s+server' "$dir/conf/upstreams.conf"; echo "   traffic over 30 requests: $(spread)"; echo "   nginx reloads so far: $(reloads)"; }
 
+settled() { wait_for "[ \$(reloads) -ge $1 ]"; sleep 0.3; }  # reload done, old workers gone
 wait_for 'grep -q "127.0.0.4:7860;" "$dir/conf/upstreams.conf"'
+settled 1
 show "three healthy replicas"
 echo error > "$dir/mode-3"
 wait_for 'grep -q "127.0.0.3:7860 down;" "$dir/conf/upstreams.conf"'
+settled 2
 show "bravo answers 503 on /queue/status: marked down, no traffic, one reload"
 echo healthy > "$dir/mode-3"
 wait_for 'grep -q "127.0.0.3:7860;" "$dir/conf/upstreams.conf"'
+settled 3
 show "bravo recovered: back in, one more reload"
 echo
 echo "nginx: http://127.0.0.1:8080/   status page: http://127.0.0.1:9187/   files: $dir"

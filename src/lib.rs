@@ -15,6 +15,8 @@
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.
 //! - [`notify`]: systemd readiness, status and watchdog notifications.
 //! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod config;
 pub mod controller;

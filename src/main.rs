@@ -16,6 +16,7 @@ use upstreamd::config::{self, Config};
 use upstreamd::controller::{Controller, Mode, Outcome};
 use upstreamd::metrics::Metrics;
 use upstreamd::nginx::{self, SystemNginx};
+use upstreamd::notify::Notifier;
 use upstreamd::render::Renderer;
 
 /// Keeps an nginx upstream include file true to Consul, etcd or a static list.
@@ -85,9 +86,15 @@ fn init_logging(format: LogFormat) {
 /// Loads and fully validates a config: the file and its template.
 fn load(path: &Path) -> Result<(Config, Renderer), String> {
     let cfg = config::load_file(path).map_err(|e| e.to_string())?;
-    let renderer =
-        Renderer::new(cfg.nginx.template.as_deref()).map_err(|e| format!("nginx.template: {e}"))?;
-    Ok((cfg, renderer))
+    let mut problems = upstreamd::sources::check(&cfg);
+    let renderer = Renderer::new(cfg.nginx.template.as_deref());
+    if let Err(e) = &renderer {
+        problems.push(format!("nginx.template: {e}"));
+    }
+    match renderer {
+        Ok(renderer) if problems.is_empty() => Ok((cfg, renderer)),
+        _ => Err(problems.join("\n")),
+    }
 }
 
 fn load_or_exit(path: &Path) -> Result<(Config, Renderer), ExitCode> {
@@ -179,20 +186,32 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     let mut int = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
     let stop = shutdown.clone();
+    let notifier = Notifier::from_env();
+    let hup_notifier = notifier.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => match load(&path) {
-                    Ok((cfg, _)) => {
-                        if reload_tx.send(cfg).await.is_err() {
-                            break;
+                _ = hup.recv() => {
+                    if let Err(error) = hup_notifier.reloading() {
+                        tracing::warn!(%error, "Could not notify systemd of the reload.");
+                    }
+                    match load(&path) {
+                        Ok((cfg, _)) => {
+                            if reload_tx.send(cfg).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(errors) => {
+                            tracing::error!(config = %path.display(), %errors,
+                                "Refusing the new config; keeping the running one.");
+                            if let Err(error) = hup_notifier.ready() {
+                                tracing::warn!(%error, "Could not notify systemd.");
+                            }
                         }
                     }
-                    Err(errors) => tracing::error!(config = %path.display(), %errors,
-                        "Refusing the new config; keeping the running one."),
-                },
+                }
             }
         }
         tracing::info!("Stopping; the upstream file is left as it is.");
@@ -201,7 +220,8 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     let nginx = SystemNginx::new(&cfg.nginx);
     let metrics = Arc::new(Metrics::new());
     let admin = cfg.admin.listen;
-    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone());
+    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
+        .with_notifier(notifier);
     if let Some(addr) = admin {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

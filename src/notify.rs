@@ -24,7 +24,9 @@ pub enum NotifyError {
     /// The address is well formed but the kernel refuses it (too long, for one).
     #[error("NOTIFY_SOCKET `{socket}` is not a usable socket address: {source}")]
     InvalidAddress {
+        /// The socket address as given.
         socket: String,
+        /// The kernel's answer.
         #[source]
         source: io::Error,
     },
@@ -34,8 +36,11 @@ pub enum NotifyError {
     /// Sending failed: systemd gone, the socket path wrong, or the message too large.
     #[error("failed to send `{message}` to systemd at `{socket}`: {source}")]
     Send {
+        /// The socket address.
         socket: String,
+        /// The message that was not sent.
         message: String,
+        /// The kernel's answer.
         #[source]
         source: io::Error,
     },

@@ -134,6 +134,22 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     let mut s = setup(2);
     let _report = report_on_failure(&s.nginx);
     wait_for("first reload", SHORT, || s.nginx.reloads() == 1);
+    // The same config again: sources keep running, nothing is re-probed from scratch, no reload.
+    s.daemon.signal(Signal::SIGHUP);
+    wait_for("the first config reload", SHORT, || {
+        s.daemon.output.text().contains("kept=1 restarted=0")
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(s.nginx.reloads(), 1);
+    assert_eq!(
+        s.daemon
+            .output
+            .text()
+            .matches("Registry membership changed.")
+            .count(),
+        1
+    );
+
     let third = Replica::start("charlie");
     let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
     let grown = cfg.replace(
@@ -149,6 +165,7 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
             .contains(&format!("server {};", third.addr))
     });
     wait_for("second reload", SHORT, || s.nginx.reloads() == 2);
+    assert!(s.daemon.output.text().contains("kept=0 restarted=1"));
     let before = s.nginx.rendered();
 
     std::fs::write(
@@ -252,4 +269,67 @@ fn the_status_page_shows_endpoints_in_a_real_browser() {
     let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
     assert!(size > 10_000, "a screenshot was taken ({size} bytes)");
     eprintln!("figure: status page screenshot at {}", shot.display());
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
+    let r = Replica::start("alpha");
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut heard: Vec<String> = Vec::new();
+    let listen = |heard: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    let cfg = static_config(&nginx, "kotaemon", &[&r], "", "");
+    let mut daemon = Daemon::start_with_env(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    wait_for("READY=1", SHORT, || {
+        listen(&mut heard);
+        heard.iter().any(|m| m == "READY=1")
+    });
+    assert_eq!(
+        nginx.reloads(),
+        1,
+        "READY=1 comes after the first successful apply"
+    );
+    wait_for("two watchdog pings", SHORT, || {
+        listen(&mut heard);
+        heard.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+    });
+    assert!(
+        heard
+            .iter()
+            .any(|m| m.starts_with("STATUS=kotaemon: 1 healthy")),
+        "{heard:?}"
+    );
+
+    heard.clear();
+    daemon.signal(Signal::SIGHUP);
+    wait_for("RELOADING=1 then READY=1", SHORT, || {
+        listen(&mut heard);
+        let reloading = heard
+            .iter()
+            .position(|m| m.starts_with("RELOADING=1\nMONOTONIC_USEC="));
+        let ready = heard.iter().rposition(|m| m == "READY=1");
+        matches!((reloading, ready), (Some(a), Some(b)) if a < b)
+    });
+
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(5)), Some(0));
+    listen(&mut heard);
+    assert!(heard.iter().any(|m| m == "STOPPING=1"), "{heard:?}");
 }

@@ -2,12 +2,14 @@
 //! against a real `consul agent -dev` when a `consul` binary is on PATH. Only the
 //! fault-injection tests (`/_standin/fault`) are stand-in only.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use common::consul::{instance, Lane, Registry, SERVICE};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
@@ -16,292 +18,19 @@ use upstreamd::model::{Endpoint, RegistryState, UpstreamName};
 use upstreamd::sources::consul::ConsulWatch;
 use upstreamd::sources::{Sink, Source, SourceEvent, SourceKey};
 
-const SERVICE: &str = "kotaemon";
 const SENT: &str = "Consul blocking query sent.";
 
-// ---------------------------------------------------------------------------------------------
-// The registry under test: a stand-in or a real Consul agent, as a child process.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lane {
-    Standin,
-    RealConsul,
-}
-
-struct Registry {
-    child: Child,
-    url: String,
-    node: String,
-    token: Option<String>,
-    lane: Lane,
-    http: reqwest::Client,
-    _serial: Option<MutexGuard<'static, ()>>,
-}
-
-/// Real agents share well-known ports (grpc_tls, …): one at a time.
-static REAL_CONSUL: Mutex<()> = Mutex::new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn on_path(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-/// Copies a child's output into the test log, prefixed; sends the first stdout line back.
-fn relay(child: &mut Child, prefix: &'static str) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            // The receiver may be gone after the first line; later lines only go to the log.
-            let _ = tx.send(line.clone());
-            println!("[{prefix}] {line}");
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            println!("[{prefix}] {line}");
-        }
-    });
-    rx
-}
-
-impl Registry {
-    /// Starts the registry for `lane`; `None` (after saying so) when the lane is unavailable.
-    async fn start(lane: Lane, token: Option<&str>) -> Option<Self> {
-        let reg = match lane {
-            Lane::Standin => Self::standin(token),
-            Lane::RealConsul => Self::real(token)?,
-        };
-        reg.wait_ready().await;
-        Some(reg)
-    }
-
-    fn standin(token: Option<&str>) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-standin"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--node-name",
-            "standin",
-            "--node-address",
-            "127.0.0.1",
-        ]);
-        if let Some(t) = token {
-            cmd.args(["--token", t]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start consul-standin");
-        let first = relay(&mut child, "standin").recv_timeout(Duration::from_secs(10));
-        let url = match first
-            .as_deref()
-            .ok()
-            .and_then(|l| l.strip_prefix("consul-standin listening on "))
-        {
-            Some(url) => url.to_owned(),
-            None => {
-                // Reap it before failing.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("consul-standin did not report its address: {first:?}");
-            }
-        };
-        Self::new(child, url, "standin", token, Lane::Standin, None)
-    }
-
-    fn real(token: Option<&str>) -> Option<Self> {
-        let Some(consul) = on_path("consul") else {
-            println!("skipped: no consul binary on PATH");
-            return None;
-        };
-        let serial = REAL_CONSUL.lock().unwrap_or_else(|e| e.into_inner());
-        let http = free_port();
-        let mut cmd = Command::new(consul);
-        cmd.args([
-            "agent",
-            "-dev",
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-            "-node",
-            "upstreamd-test",
-        ]);
-        for (flag, port) in [
-            ("-http-port", http),
-            ("-dns-port", free_port()),
-            ("-grpc-port", free_port()),
-            ("-serf-lan-port", free_port()),
-            ("-serf-wan-port", free_port()),
-            ("-server-port", free_port()),
-        ] {
-            cmd.arg(format!("{flag}={port}"));
-        }
-        if let Some(t) = token {
-            cmd.args([
-                "-hcl",
-                &format!(
-                    r#"acl {{ enabled = true default_policy = "deny" tokens {{ initial_management = "{t}" agent = "{t}" }} }}"#
-                ),
-            ]);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start consul agent -dev");
-        drop(relay(&mut child, "consul"));
-        let url = format!("http://127.0.0.1:{http}");
-        Some(Self::new(
-            child,
-            url,
-            "upstreamd-test",
-            token,
-            Lane::RealConsul,
-            Some(serial),
-        ))
-    }
-
-    fn new(
-        child: Child,
-        url: String,
-        node: &str,
-        token: Option<&str>,
-        lane: Lane,
-        serial: Option<MutexGuard<'static, ()>>,
-    ) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        Self {
-            child,
-            url,
-            node: node.into(),
-            token: token.map(Into::into),
-            lane,
-            http,
-            _serial: serial,
-        }
-    }
-
-    /// Waits for a leader (a real agent needs a second or two).
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(resp) = self
-                .http
-                .get(format!("{}/v1/status/leader", self.url))
-                .send()
-                .await
-            {
-                if resp.text().await.is_ok_and(|t| t.trim().len() > 2) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{:?} at {} never reported a leader", self.lane, self.url);
-    }
-
-    async fn put(&self, path: &str, body: Option<Value>) {
-        let mut req = self.http.put(format!("{}{path}", self.url));
-        if let Some(t) = &self.token {
-            req = req.header("X-Consul-Token", t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
-        let status = resp.status();
-        assert!(
-            status.is_success(),
-            "PUT {path}: {status} {}",
-            resp.text().await.unwrap_or_default()
-        );
-    }
-
-    async fn register(&self, def: Value) {
-        self.put("/v1/agent/service/register", Some(def)).await;
-    }
-
-    async fn deregister(&self, id: &str) {
-        self.put(&format!("/v1/agent/service/deregister/{id}"), None)
-            .await;
-    }
-
-    async fn fault(&self, fault: &str) {
-        assert_eq!(self.lane, Lane::Standin, "faults are a stand-in control");
-        let resp = self
-            .http
-            .post(format!("{}/_standin/fault", self.url))
-            .body(fault.to_owned())
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            resp.status().is_success(),
-            "fault {fault}: {}",
-            resp.status()
-        );
-    }
-
-    async fn stats(&self) -> Value {
-        assert_eq!(self.lane, Lane::Standin, "stats are a stand-in control");
-        let resp = self
-            .http
-            .get(format!("{}/_standin/stats", self.url))
-            .send()
-            .await
-            .unwrap();
-        serde_json::from_str(&resp.text().await.unwrap()).unwrap()
-    }
-
-    async fn health_requests(&self) -> u64 {
-        self.stats().await["health_requests"].as_u64().unwrap()
-    }
-
-    /// Starts the source under test against this registry.
-    fn watch(&self, tags: &[&str], wait: Duration, token: Option<&str>) -> Watcher {
-        Watcher::start(ConsulSource {
-            url: self.url.clone(),
-            service: SERVICE.into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            datacenter: None,
-            wait,
-            token: token.map(|t| Secret(t.into())),
-            ca_file: None,
-        })
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        // Already exited is fine; wait() reaps it either way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn instance(id: &str, address: &str, port: u16, tags: &[&str], meta: Value) -> Value {
-    json!({"Name": SERVICE, "ID": id, "Address": address, "Port": port, "Tags": tags, "Meta": meta})
+/// Starts the source under test against `reg`.
+fn watch(reg: &Registry, tags: &[&str], wait: Duration, token: Option<&str>) -> Watcher {
+    Watcher::start(ConsulSource {
+        url: reg.url.clone(),
+        service: SERVICE.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        datacenter: None,
+        wait,
+        token: token.map(|t| Secret(t.into())),
+        ca_file: None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,7 +230,7 @@ async fn discovery(lane: Lane) {
     ))
     .await;
 
-    let mut w = reg.watch(&["prod"], SECOND, None);
+    let mut w = watch(&reg, &["prod"], SECOND, None);
     let (eps, skipped) = w
         .snapshot(5 * SECOND, "k1 and k2", |eps| eps.len() == 2)
         .await;
@@ -545,7 +274,7 @@ async fn registration_and_deregistration_arrive_quickly(lane: Lane) {
     };
     reg.register(instance("k1", "10.2.0.1", 7860, &[], json!({})))
         .await;
-    let mut w = reg.watch(&[], Duration::from_secs(30), None);
+    let mut w = watch(&reg, &[], Duration::from_secs(30), None);
     w.snapshot(5 * SECOND, "k1", has("10.2.0.1:7860")).await;
 
     let mut latencies = Vec::new();
@@ -588,7 +317,7 @@ async fn maintenance_and_failing_checks_are_critical(lane: Lane) {
     let mut k1 = instance("k1", "10.3.0.1", 7860, &[], json!({}));
     k1["Check"] = json!({"TTL": "10m", "Status": "passing"});
     reg.register(k1).await;
-    let mut w = reg.watch(&[], SECOND, None);
+    let mut w = watch(&reg, &[], SECOND, None);
     w.snapshot(5 * SECOND, "k1 passing", passing("10.3.0.1:7860"))
         .await;
 
@@ -664,7 +393,7 @@ async fn token_is_sent_and_never_logged(lane: Lane) {
     reg.register(instance("k1", "10.4.0.1", 7860, &[], json!({})))
         .await;
 
-    let mut w = reg.watch(&[], SECOND, Some(TOKEN));
+    let mut w = watch(&reg, &[], SECOND, Some(TOKEN));
     w.snapshot(10 * SECOND, "k1 (needs the token)", has("10.4.0.1:7860"))
         .await;
     if lane == Lane::Standin {
@@ -675,7 +404,7 @@ async fn token_is_sent_and_never_logged(lane: Lane) {
         );
     }
 
-    let mut denied = reg.watch(&[], SECOND, Some(WRONG));
+    let mut denied = watch(&reg, &[], SECOND, Some(WRONG));
     let error = denied.failed(5 * SECOND).await;
     assert!(error.contains("403"), "{error}");
     assert!(
@@ -702,7 +431,7 @@ async fn a_quiet_service_costs_few_requests(lane: Lane) {
     };
     reg.register(instance("k1", "10.5.0.1", 7860, &[], json!({})))
         .await;
-    let mut w = reg.watch(&[], SECOND, None);
+    let mut w = watch(&reg, &[], SECOND, None);
     w.snapshot(5 * SECOND, "k1", has("10.5.0.1:7860")).await;
 
     let quiet = Duration::from_secs(3);
@@ -743,7 +472,7 @@ async fn shutdown_ends_a_blocked_query_at_once(lane: Lane) {
     };
     reg.register(instance("k1", "10.9.0.1", 7860, &[], json!({})))
         .await;
-    let mut w = reg.watch(&[], Duration::from_secs(60), None);
+    let mut w = watch(&reg, &[], Duration::from_secs(60), None);
     w.snapshot(5 * SECOND, "k1", has("10.9.0.1:7860")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
@@ -769,7 +498,7 @@ async fn an_index_reset_restarts_the_loop_and_updates_keep_coming() {
     reg.register(instance("k1", "10.6.0.1", 7860, &[], json!({})))
         .await;
     // A long wait: only a working reset, not the wait running out, can deliver in time.
-    let mut w = reg.watch(&[], Duration::from_secs(20), None);
+    let mut w = watch(&reg, &[], Duration::from_secs(20), None);
     w.snapshot(5 * SECOND, "k1", has("10.6.0.1:7860")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     reg.fault("reset-index").await;
@@ -799,7 +528,7 @@ async fn a_five_second_outage_is_reported_once_and_recovers_quickly() {
     let reg = Registry::start(Lane::Standin, None).await.unwrap();
     reg.register(instance("k1", "10.7.0.1", 7860, &[], json!({})))
         .await;
-    let mut w = reg.watch(&[], SECOND, None);
+    let mut w = watch(&reg, &[], SECOND, None);
     w.snapshot(5 * SECOND, "k1", has("10.7.0.1:7860")).await;
 
     reg.fault("error500").await;
@@ -837,7 +566,7 @@ async fn a_hanging_request_is_abandoned_and_retried() {
     let reg = Registry::start(Lane::Standin, None).await.unwrap();
     reg.register(instance("k1", "10.8.0.1", 7860, &[], json!({})))
         .await;
-    let mut w = reg.watch(&[], SECOND, None);
+    let mut w = watch(&reg, &[], SECOND, None);
     w.snapshot(5 * SECOND, "k1", has("10.8.0.1:7860")).await;
 
     reg.fault("hang").await;

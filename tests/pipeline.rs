@@ -286,3 +286,106 @@ fn check_accepts_a_good_config() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_naming_what_changed() {
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    let nginx = Nginx::start("kotaemon");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    );
+    let daemon = Daemon::start_with(&cfg, &["--log-format", "json"], &[]);
+    wait_for("the first reload", SHORT, || nginx.reloads() == 1);
+    replicas[1].set_mode("error");
+    wait_for("the change logged", SHORT, || {
+        daemon.output.text().contains("consecutive failed probes")
+    });
+    let text = daemon.output.text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let flip = lines
+        .iter()
+        .find(|l| l["message"] == "Endpoint health changed." && l["to"] == "down")
+        .expect("a health flip line");
+    assert_eq!(flip["endpoint"], replicas[1].addr.as_str());
+    assert_eq!(flip["upstream"], "kotaemon");
+    assert!(
+        flip["why"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 consecutive failed probes (fall = 2)"),
+        "{flip}"
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+}
+
+#[test]
+fn probing_health_on_kotaemon_logs_the_queue_status_hint_once() {
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    let nginx = Nginx::start("kotaemon");
+    let cfg = static_config(
+        &nginx,
+        "kotaemon",
+        &replicas.iter().collect::<Vec<_>>(),
+        "",
+        "",
+    )
+    .replace("path = \"/queue/status\"", "path = \"/health\"");
+    let daemon = Daemon::start(&cfg);
+    wait_for("the hint", SHORT, || {
+        daemon.output.text().contains("Kotaemon has no /health")
+    });
+    // Several more probe rounds: the hint is not repeated.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        daemon
+            .output
+            .text()
+            .matches("Kotaemon has no /health")
+            .count(),
+        1
+    );
+    assert!(
+        daemon.output.text().contains("path = \"/queue/status\""),
+        "{}",
+        daemon.output.text()
+    );
+    // Every endpoint unhealthy, fail_open: nginx keeps sending traffic as it would alone.
+    wait_for("the first reload", SHORT, || nginx.reloads() == 1);
+    assert!(nginx.rendered().contains("on_all_unhealthy = fail_open"));
+}
+
+#[test]
+fn check_runs_the_sources_own_checks_and_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("bad.j2");
+    std::fs::write(&template, "{% for u in upstreams %}").unwrap();
+    let (_cfg_dir, path) = write_config(&format!(
+        r#"
+[nginx]
+output = "/tmp/never-written.conf"
+template = "{}"
+
+[[upstream]]
+name = "kotaemon"
+
+[[upstream.source]]
+kind = "etcd"
+endpoints = ["https://127.0.0.1:2379"]
+prefix = "/services/kotaemon/"
+"#,
+        template.display()
+    ));
+    let (code, _, stderr) = upstreamd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("upstream[0].source[0]: "), "{stderr}");
+    assert!(stderr.contains("nginx.template: "), "{stderr}");
+}

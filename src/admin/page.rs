@@ -36,7 +36,7 @@ th{background:#f4f4f4}.state{font-weight:600;border-radius:3px;padding:.1em .5em
 .bad{background:#ffebee;border:1px solid #c62828}.ok{background:#e8f5e9;border:1px solid #2e7d32}";
 
 fn endpoint_row(e: &EndpointStatus) -> String {
-    let health = format!("{:?}", e.health).to_lowercase();
+    let health = e.health.to_string();
     let probe = e.last_probe.as_ref().map_or("—".to_owned(), |p| {
         format!("{} ({:.1} ms)", esc(&p.detail), p.latency_ms)
     });
@@ -87,13 +87,15 @@ fn source_row(s: &SourceStatus) -> String {
 
 fn upstream_section(u: &UpstreamStatus) -> String {
     let up = u.endpoints.iter().filter(|e| e.rendered == "up").count();
+    let balance = serde_json::to_value(u.balance)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
     let mut out = format!(
-        "<h2>upstream <code>{}</code> <span class=\"muted\">{:?} · {up} of {} up</span></h2>",
+        "<h2>upstream <code>{}</code> <span class=\"muted\">{balance} · {up} of {} up</span></h2>",
         esc(&u.name),
-        u.balance,
         u.endpoints.len()
-    )
-    .to_lowercase();
+    );
     if u.all_unhealthy {
         out.push_str("<div class=\"banner bad\">Every endpoint fails its health check: on_all_unhealthy applies.</div>");
     }

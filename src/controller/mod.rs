@@ -2,6 +2,8 @@
 //! wake-up recomputes the whole file from current state, and a changed file is applied after
 //! `settle`, at most once per `min_reload_interval`.
 
+mod reconfigure;
+pub mod saved;
 pub mod state;
 pub mod status;
 
@@ -12,14 +14,16 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
 use crate::decide::Desired;
 use crate::health::{Health, ProbeReport, Prober};
 use crate::metrics::Metrics;
 use crate::nginx::{self, Applied, ApplyError, Nginx};
+use crate::notify::Notifier;
 use crate::render::{RenderError, Renderer};
-use crate::sources::{self, SourceEvent, SourceKey, SourceUpdate};
-use state::UpstreamState;
+use crate::sources::{SourceEvent, SourceKey, SourceUpdate};
+use saved::Saver;
+use state::{ShrinkEvent, UpstreamState};
 use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
@@ -95,6 +99,11 @@ pub struct Controller<N: Nginx> {
     started: Instant,
     handle: ControllerHandle,
     status_rx: mpsc::Receiver<StatusRequest>,
+    notifier: Notifier,
+    /// Endpoint counts changed since the gauges were last set.
+    gauges_stale: bool,
+    /// Keeps each registry source's last good snapshot in `state_dir`, when set.
+    saver: Option<Saver>,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -133,7 +142,49 @@ impl<N: Nginx> Controller<N> {
             started: Instant::now(),
             handle,
             status_rx,
+            notifier: Notifier::disabled(),
+            gauges_stale: true,
+            saver: None,
         }
+    }
+
+    /// Sends systemd notifications (readiness, status, watchdog) through `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    fn notify(&self, what: &str, result: Result<(), crate::notify::NotifyError>) {
+        if let Err(error) = result {
+            tracing::warn!(%error, what, "Could not notify systemd.");
+        }
+    }
+
+    /// A one-line summary for `systemctl status`.
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let [(_, up), (_, down), (_, unknown)] = u.counts();
+                let stale = u.sources.iter().filter(|s| s.error.is_some()).count();
+                let stale = if stale > 0 {
+                    format!(", {stale} source(s) stale")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{}: {up} healthy, {down} unhealthy, {unknown} unknown{stale}",
+                    u.cfg.name
+                )
+            })
+            .collect();
+        let last = self
+            .last_apply
+            .as_ref()
+            .map(|a| format!("; last apply {}", a.result))
+            .unwrap_or_default();
+        format!("{}{last}", parts.join("; "))
     }
 
     /// A handle that asks this controller for its status once it runs.
@@ -151,38 +202,10 @@ impl<N: Nginx> Controller<N> {
             upstreams: self
                 .upstreams
                 .iter()
-                .map(|u| status::upstream_status(u, now, None))
+                .map(|u| status::upstream_status(u, now, u.shrink_held(now)))
                 .collect(),
             last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
             change_pending: self.pending_since.is_some(),
-        }
-    }
-
-    fn start_upstream(&mut self, cfg: UpstreamConfig) -> (UpstreamState, CancellationToken) {
-        let labels = sources::labels(&cfg.sources);
-        let token = self.shutdown.child_token();
-        for (index, (scfg, label)) in cfg.sources.iter().zip(&labels).enumerate() {
-            let key = SourceKey {
-                upstream: cfg.name.clone(),
-                index,
-                label: label.clone(),
-                generation: self.generation,
-            };
-            self.metrics.set(
-                "upstreamd_source_up",
-                &[("upstream", cfg.name.as_str()), ("source", label)],
-                0.0,
-            );
-            sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
-        }
-        (UpstreamState::new(cfg, labels), token)
-    }
-
-    fn start_all(&mut self) {
-        for u in self.cfg.upstreams.clone() {
-            let (state, token) = self.start_upstream(u);
-            self.upstreams.push(state);
-            self.source_tokens.push(token);
         }
     }
 
@@ -196,6 +219,13 @@ impl<N: Nginx> Controller<N> {
         let started = Instant::now();
         self.start_all();
         let mut reloads_open = true;
+        // The watchdog is fed from this loop itself, so a stuck loop stops feeding it.
+        let watchdog_every = self
+            .notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut watchdog = tokio::time::interval(watchdog_every);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();
             if let Mode::Once { deadline, .. } = mode {
@@ -208,7 +238,14 @@ impl<N: Nginx> Controller<N> {
                 .unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return Ok(Outcome::Stopped),
+                _ = self.shutdown.cancelled() => {
+                    self.notify("STOPPING", self.notifier.stopping());
+                    return Ok(Outcome::Stopped);
+                }
+                _ = watchdog.tick(), if mode == Mode::Run && self.notifier.watchdog_interval().is_some() => {
+                    self.notify("WATCHDOG", self.notifier.watchdog());
+                    continue;
+                }
                 Some(request) = self.status_rx.recv() => {
                     // The asker may have given up waiting; nothing to do then.
                     let _ = request.send(self.status_report());
@@ -229,6 +266,7 @@ impl<N: Nginx> Controller<N> {
                 },
                 _ = sleep_until(wake.into()) => {}
             }
+            self.release_holds(Instant::now());
             if let Some(done) = self.step(Instant::now(), mode).await? {
                 return Ok(done);
             }
@@ -264,7 +302,8 @@ impl<N: Nginx> Controller<N> {
             .filter_map(|u| u.pending_first_probe(now))
             .min();
         let apply = self.pending_since.map(|p| self.apply_at(p));
-        probes.into_iter().chain(apply).min()
+        let holds = self.upstreams.iter().filter_map(|u| u.next_release()).min();
+        probes.into_iter().chain(apply).chain(holds).min()
     }
 
     fn apply_at(&self, pending_since: Instant) -> Instant {
@@ -276,12 +315,9 @@ impl<N: Nginx> Controller<N> {
     }
 
     fn upstream_mut(&mut self, key: &SourceKey) -> Option<&mut UpstreamState> {
-        if key.generation != self.generation {
-            return None;
-        }
         self.upstreams
             .iter_mut()
-            .find(|u| u.cfg.name == key.upstream)
+            .find(|u| u.cfg.name == key.upstream && u.generation == key.generation)
     }
 
     fn on_source(&mut self, update: SourceUpdate) {
@@ -319,6 +355,10 @@ impl<N: Nginx> Controller<N> {
             }
         }
         let delta = u.on_source(key.index, event, now);
+        self.after_source(&key, &delta, now);
+        let Some(u) = self.upstream_mut(&key) else {
+            return;
+        };
         if !delta.changed {
             return;
         }
@@ -332,8 +372,104 @@ impl<N: Nginx> Controller<N> {
         }
         let (name, health, addresses) = (u.cfg.name.clone(), u.cfg.health.clone(), u.addresses());
         self.prober.sync(&name, &health, &addresses);
-        self.update_gauges();
+        self.gauges_stale = true;
         self.dirty = true;
+    }
+
+    /// The shrink guard's log lines and gauge, the saved-snapshot start, and saving a new
+    /// snapshot, for one source update.
+    fn after_source(&mut self, key: &SourceKey, delta: &state::Delta, now: Instant) {
+        let Some(u) = self.upstreams.iter().find(|u| u.cfg.name == key.upstream) else {
+            return;
+        };
+        let (name, label) = (key.upstream.as_str(), key.label.as_str());
+        let src = &u.sources[key.index];
+        match delta.shrink {
+            ShrinkEvent::Held => {
+                let held = src.held.as_ref();
+                tracing::warn!(
+                    upstream = name, source = label,
+                    before = held.map_or(0, |h| h.before), after = held.map_or(0, |h| h.after),
+                    max_shrink = u.cfg.max_shrink, hold = %humantime::format_duration(u.cfg.shrink_hold),
+                    "SHRINK HELD: the source answered without most of the upstream's endpoints; not applying it for shrink_hold (a registry losing data, or an ACL token that lost read access, looks like this). A deliberate scale-down passes when the hold ends."
+                );
+            }
+            ShrinkEvent::Dropped => tracing::info!(
+                upstream = name,
+                source = label,
+                "The held shrink is dropped: the source answered with the endpoints again."
+            ),
+            ShrinkEvent::StillHeld | ShrinkEvent::None => {}
+        }
+        if delta.started_from_saved {
+            let age = src
+                .saved
+                .as_ref()
+                .and_then(|s| s.saved_at)
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string());
+            tracing::warn!(upstream = name, source = label,
+                endpoints = src.snapshot.as_ref().map_or(0, Vec::len),
+                saved_ago = age.as_deref().unwrap_or("before the config reload"),
+                "The source failed before its first answer; starting from its saved snapshot (stale until it answers).");
+        }
+        if delta.snapshot_changed {
+            self.save_snapshot(key.upstream.clone(), key.index);
+        }
+        self.update_shrink_gauge(&key.upstream, now);
+    }
+
+    fn update_shrink_gauge(&self, upstream: &crate::model::UpstreamName, now: Instant) {
+        if let Some(u) = self.upstreams.iter().find(|u| &u.cfg.name == upstream) {
+            let held = u.shrink_held(now).is_some();
+            self.metrics.set(
+                "upstreamd_shrink_held",
+                &[("upstream", upstream.as_str())],
+                if held { 1.0 } else { 0.0 },
+            );
+        }
+    }
+
+    /// Queues the snapshot of source `index` of `upstream` for `state_dir`.
+    fn save_snapshot(&self, upstream: crate::model::UpstreamName, index: usize) {
+        let Some(saver) = &self.saver else { return };
+        let Some(u) = self.upstreams.iter().find(|u| u.cfg.name == upstream) else {
+            return;
+        };
+        let (Some(scfg), Some(src)) = (u.cfg.sources.get(index), u.sources.get(index)) else {
+            return;
+        };
+        if let (Some(identity), Some(snapshot)) = (saved::identity(scfg), &src.snapshot) {
+            saver.save(&upstream, &src.label, &identity, snapshot);
+        }
+    }
+
+    /// Applies held shrinks whose `shrink_hold` has passed.
+    fn release_holds(&mut self, now: Instant) {
+        for i in 0..self.upstreams.len() {
+            let Some((released, delta)) = self.upstreams[i].release_held(now) else {
+                continue;
+            };
+            let u = &self.upstreams[i];
+            let name = u.cfg.name.clone();
+            for &index in &released {
+                tracing::warn!(upstream = %name, source = %u.sources[index].label,
+                    removed = ?delta.removed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "The shrink held for shrink_hold is now applied.");
+            }
+            let (health, addresses) = (u.cfg.health.clone(), u.addresses());
+            if delta.snapshot_changed {
+                for &index in &released {
+                    self.save_snapshot(name.clone(), index);
+                }
+            }
+            self.update_shrink_gauge(&name, now);
+            if delta.changed {
+                self.prober.sync(&name, &health, &addresses);
+                self.update_gauges();
+                self.dirty = true;
+            }
+        }
     }
 
     fn on_probe(&mut self, r: ProbeReport) {
@@ -368,7 +504,7 @@ impl<N: Nginx> Controller<N> {
                 "upstreamd_health_transitions_total",
                 &[("upstream", name), ("to", to)],
             );
-            self.update_gauges();
+            self.gauges_stale = true;
             self.dirty = true;
         }
     }
@@ -397,6 +533,11 @@ impl<N: Nginx> Controller<N> {
 
     /// One level-triggered pass: render when something changed, apply when due.
     async fn step(&mut self, now: Instant, mode: Mode) -> Result<Option<Outcome>, ControllerError> {
+        if self.gauges_stale {
+            // Once per pass, not per transition: a burst of first probes costs one count.
+            self.gauges_stale = false;
+            self.update_gauges();
+        }
         if !self.upstreams.iter().all(|u| u.sources_ready()) {
             return Ok(None);
         }
@@ -455,7 +596,9 @@ impl<N: Nginx> Controller<N> {
         if !self.ready {
             self.ready = true;
             tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
+            self.notify("READY", self.notifier.ready());
         }
+        self.notify("STATUS", self.notifier.status(&self.summary()));
     }
 
     async fn apply(&mut self, now: Instant) -> Result<(), ApplyError> {
@@ -518,39 +661,6 @@ impl<N: Nginx> Controller<N> {
             }
         }
     }
-
-    fn reconfigure(&mut self, cfg: Config) -> Result<(), ControllerError> {
-        self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
-        self.generation += 1;
-        let old: Vec<UpstreamState> = std::mem::take(&mut self.upstreams);
-        for token in self.source_tokens.drain(..) {
-            token.cancel();
-        }
-        for u in &old {
-            if !cfg.upstreams.iter().any(|n| n.name == u.cfg.name) {
-                self.prober.remove_upstream(&u.cfg.name);
-                for family in ["upstreamd_endpoints", "upstreamd_source_up"] {
-                    self.metrics
-                        .forget(family, ("upstream", u.cfg.name.as_str()));
-                }
-            }
-        }
-        self.cfg = cfg;
-        self.start_all();
-        // Keep the health of endpoints that stay, so a reload does not re-probe from Unknown.
-        for u in &mut self.upstreams {
-            if let Some(prev) = old
-                .iter()
-                .find(|o| o.cfg.name == u.cfg.name && o.cfg.health == u.cfg.health)
-            {
-                u.health = prev.health.clone();
-                u.hinted_404 = prev.hinted_404;
-            }
-        }
-        self.dirty = true;
-        tracing::info!(upstreams = self.upstreams.len(), "Configuration reloaded.");
-        Ok(())
-    }
 }
 
 /// A one-line summary of what changed between two applied states, for the log.
@@ -586,7 +696,9 @@ pub fn describe_changes(before: Option<&[Desired]>, after: &[Desired]) -> String
             }
         }
     }
-    if parts.is_empty() {
+    if parts.is_empty() && before.is_none() {
+        "first file".into()
+    } else if parts.is_empty() {
         "attributes only".into()
     } else {
         parts.join(", ")

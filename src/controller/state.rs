@@ -1,10 +1,11 @@
-//! The controller's state of one upstream: source snapshots and endpoint health.
+//! The controller's state of one upstream: source snapshots, endpoint health, the shrink
+//! guard and snapshots saved by an earlier run.
 //!
 //! Pure: time comes in as an argument, nothing here does I/O, so the rules for readiness,
-//! merging and hysteresis are unit-tested without a runtime.
+//! merging, hysteresis and holding a large shrink are unit-tested without a runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -36,6 +37,56 @@ pub struct SourceState {
     pub updates: u64,
     /// Entries skipped as invalid in the last snapshot.
     pub skipped: usize,
+    /// A snapshot kept from before this state existed: saved on disk by an earlier run
+    /// (`state_dir`), or the source's snapshot before a config reload. Used when the source
+    /// fails before its first answer, and as the baseline the shrink guard compares against
+    /// until then.
+    #[serde(skip)]
+    pub saved: Option<SavedSnapshot>,
+    /// The snapshot in use is `saved`, not an answer of this run: stale until the source answers.
+    pub from_saved: bool,
+    /// An answer that would drop too many endpoints, held for `shrink_hold`.
+    #[serde(skip)]
+    pub held: Option<HeldShrink>,
+}
+
+/// A snapshot from before this run or this config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedSnapshot {
+    /// The endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// When it was saved; `None` for a snapshot carried over a config reload.
+    pub saved_at: Option<SystemTime>,
+}
+
+/// A source answer held by the shrink guard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldShrink {
+    /// The latest answer, applied when the hold ends.
+    pub endpoints: Vec<Endpoint>,
+    /// Entries it skipped as invalid.
+    pub skipped: usize,
+    /// When the first answer of this hold arrived (later answers that still shrink too much
+    /// replace `endpoints` but keep the clock running).
+    pub since: Instant,
+    /// The upstream's endpoints before, and if the answer were applied.
+    pub before: usize,
+    /// The upstream's endpoints if the answer were applied.
+    pub after: usize,
+}
+
+/// What a source update did to a shrink hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ShrinkEvent {
+    /// No hold involved.
+    #[default]
+    None,
+    /// The answer drops too much and a hold starts now.
+    Held,
+    /// The answer still drops too much; the hold that was running goes on.
+    StillHeld,
+    /// A hold was running and this answer does not drop too much: the hold is dropped.
+    Dropped,
 }
 
 /// The last probe of an endpoint.
@@ -71,6 +122,12 @@ pub struct Delta {
     pub removed: Vec<Address>,
     /// Whether anything that affects rendering changed (attributes, registry state, membership).
     pub changed: bool,
+    /// The source's snapshot in use changed to an answer of this run: worth saving.
+    pub snapshot_changed: bool,
+    /// The shrink guard's part.
+    pub shrink: ShrinkEvent,
+    /// The source failed before answering and its saved snapshot is now in use.
+    pub started_from_saved: bool,
 }
 
 /// One upstream's state.
@@ -86,6 +143,8 @@ pub struct UpstreamState {
     pub health: BTreeMap<Address, EndpointHealth>,
     /// Whether the "Kotaemon has no /health" hint was logged.
     pub hinted_404: bool,
+    /// The generation of the running source tasks; updates from other generations are stale.
+    pub generation: u64,
 }
 
 fn describe(outcome: &ProbeOutcome) -> String {
@@ -96,6 +155,12 @@ fn describe(outcome: &ProbeOutcome) -> String {
         ProbeOutcome::Timeout => "timed out".into(),
         ProbeOutcome::Error(e) => e.clone(),
     }
+}
+
+/// Whether dropping `removed` of `before` endpoints is more than `max_shrink` allows.
+/// `shrink_hold = "0s"` turns the guard off; an upstream with no endpoints cannot shrink.
+fn too_large_a_shrink(cfg: &UpstreamConfig, before: usize, removed: usize) -> bool {
+    !cfg.shrink_hold.is_zero() && before > 0 && removed as f64 > cfg.max_shrink * before as f64
 }
 
 impl UpstreamState {
@@ -114,6 +179,9 @@ impl UpstreamState {
                 failing_since: None,
                 updates: 0,
                 skipped: 0,
+                saved: None,
+                from_saved: false,
+                held: None,
             })
             .collect();
         Self {
@@ -122,6 +190,7 @@ impl UpstreamState {
             endpoints: BTreeMap::new(),
             health: BTreeMap::new(),
             hinted_404: false,
+            generation: 0,
         }
     }
 
@@ -136,30 +205,176 @@ impl UpstreamState {
     }
 
     /// Takes a source event. Returns what changed in the merged endpoints.
+    ///
+    /// A snapshot that would drop more than `max_shrink` of the upstream's endpoints is held
+    /// (see [`HeldShrink`]) instead of applied; [`release_held`](Self::release_held) applies
+    /// it once `shrink_hold` has passed. A failure before the first answer starts from the
+    /// saved snapshot, if there is one.
     pub fn on_source(&mut self, index: usize, event: SourceEvent, now: Instant) -> Delta {
-        let Some(src) = self.sources.get_mut(index) else {
+        if index >= self.sources.len() {
             return Delta::default();
-        };
+        }
         match event {
             SourceEvent::Failed { error } => {
+                let src = &mut self.sources[index];
                 src.error = Some(error);
                 src.failing_since.get_or_insert(now);
-                Delta::default()
+                match (&src.snapshot, &src.saved) {
+                    (None, Some(saved)) => {
+                        src.snapshot = Some(saved.endpoints.clone());
+                        src.from_saved = true;
+                        Delta {
+                            started_from_saved: true,
+                            ..self.remerge(now)
+                        }
+                    }
+                    _ => Delta::default(),
+                }
             }
             SourceEvent::Snapshot {
                 mut endpoints,
                 skipped,
             } => {
                 endpoints.sort_by(|a, b| a.address.cmp(&b.address));
-                src.snapshot = Some(endpoints);
+                let (before, after, removed) = self.shrink_of(index, &endpoints);
+                let src = &mut self.sources[index];
                 src.error = None;
                 src.failing_since = None;
                 src.updated = Some(now);
                 src.updates += 1;
-                src.skipped = skipped;
-                self.remerge(now)
+                // A static list is the operator's own word: only registry answers are guarded.
+                if src.kind != "static" && too_large_a_shrink(&self.cfg, before, removed) {
+                    let shrink = if src.held.is_some() {
+                        ShrinkEvent::StillHeld
+                    } else {
+                        ShrinkEvent::Held
+                    };
+                    let since = src.held.as_ref().map_or(now, |h| h.since);
+                    src.held = Some(HeldShrink {
+                        endpoints,
+                        skipped,
+                        since,
+                        before,
+                        after,
+                    });
+                    return Delta {
+                        shrink,
+                        ..Delta::default()
+                    };
+                }
+                let shrink = match src.held.take() {
+                    Some(_) => ShrinkEvent::Dropped,
+                    None => ShrinkEvent::None,
+                };
+                Delta {
+                    shrink,
+                    ..self.take_snapshot(index, endpoints, skipped, now)
+                }
             }
         }
+    }
+
+    /// Applies an answer as the source's snapshot.
+    fn take_snapshot(
+        &mut self,
+        index: usize,
+        endpoints: Vec<Endpoint>,
+        skipped: usize,
+        now: Instant,
+    ) -> Delta {
+        let src = &mut self.sources[index];
+        let known = src
+            .snapshot
+            .as_ref()
+            .or(src.saved.as_ref().map(|s| &s.endpoints));
+        let snapshot_changed = known != Some(&endpoints);
+        src.snapshot = Some(endpoints);
+        src.from_saved = false;
+        src.skipped = skipped;
+        Delta {
+            snapshot_changed,
+            ..self.remerge(now)
+        }
+    }
+
+    /// For an answer of source `index`: the upstream's endpoint count before, after, and how
+    /// many addresses it would remove. Before the first answers, "before" counts the saved
+    /// snapshots, so a restart or a reload does not reset the guard's baseline.
+    fn shrink_of(&self, index: usize, answer: &[Endpoint]) -> (usize, usize, usize) {
+        fn known(s: &SourceState) -> Option<&[Endpoint]> {
+            s.snapshot
+                .as_deref()
+                .or(s.saved.as_ref().map(|v| v.endpoints.as_slice()))
+        }
+        let before = merge(self.sources.iter().filter_map(known));
+        let after = merge(self.sources.iter().enumerate().filter_map(|(i, s)| {
+            if i == index {
+                Some(answer)
+            } else {
+                known(s)
+            }
+        }));
+        let removed = before.keys().filter(|a| !after.contains_key(*a)).count();
+        (before.len(), after.len(), removed)
+    }
+
+    /// Applies every held answer whose hold has lasted `shrink_hold`; returns the sources
+    /// released (by index) and what changed, or `None` when nothing was due.
+    pub fn release_held(&mut self, now: Instant) -> Option<(Vec<usize>, Delta)> {
+        let hold = self.cfg.shrink_hold;
+        let due: Vec<usize> = (0..self.sources.len())
+            .filter(|i| {
+                self.sources[*i]
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| now >= h.since + hold)
+            })
+            .collect();
+        if due.is_empty() {
+            return None;
+        }
+        let mut delta = Delta::default();
+        for &i in &due {
+            let Some(h) = self.sources[i].held.take() else {
+                continue;
+            };
+            let d = self.take_snapshot(i, h.endpoints, h.skipped, now);
+            delta.added.extend(d.added);
+            delta.removed.extend(d.removed);
+            delta.changed |= d.changed;
+            delta.snapshot_changed |= d.snapshot_changed;
+        }
+        Some((due, delta))
+    }
+
+    /// When the earliest hold ends, if any source is held.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.sources
+            .iter()
+            .filter_map(|s| s.held.as_ref())
+            .map(|h| h.since + self.cfg.shrink_hold)
+            .min()
+    }
+
+    /// A sentence per held source for `/status`, or `None` when nothing is held.
+    pub fn shrink_held(&self, now: Instant) -> Option<String> {
+        let parts: Vec<String> = self
+            .sources
+            .iter()
+            .filter_map(|s| Some((s, s.held.as_ref()?)))
+            .map(|(s, h)| {
+                let left = (h.since + self.cfg.shrink_hold).saturating_duration_since(now);
+                format!(
+                    "source {} answered with {} of the upstream's {} endpoints (max_shrink = {}); held for {:.1}s more unless the endpoints come back",
+                    s.label,
+                    h.after,
+                    h.before,
+                    self.cfg.max_shrink,
+                    left.as_secs_f64()
+                )
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     fn remerge(&mut self, now: Instant) -> Delta {
@@ -170,6 +385,7 @@ impl UpstreamState {
             added: after.difference(&before).map(|a| (*a).clone()).collect(),
             removed: before.difference(&after).map(|a| (*a).clone()).collect(),
             changed: merged != self.endpoints,
+            ..Delta::default()
         };
         for a in &delta.removed {
             self.health.remove(a);
@@ -188,6 +404,28 @@ impl UpstreamState {
         }
         self.endpoints = merged;
         delta
+    }
+
+    /// Forgets every probe verdict (the health config changed): endpoints start over from
+    /// `Unknown` and are waited for as new ones are.
+    pub fn reset_health(&mut self, now: Instant) {
+        self.hinted_404 = false;
+        self.health = if self.cfg.health.enabled {
+            self.endpoints
+                .keys()
+                .map(|a| {
+                    let fresh = EndpointHealth {
+                        state: HealthState::new(),
+                        since: now,
+                        last: None,
+                        last_transition: None,
+                    };
+                    (a.clone(), fresh)
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
     }
 
     /// Takes a probe result. Returns the transition it caused, with a reason, if any.
@@ -383,6 +621,199 @@ mod tests {
         let d = s.on_source(0, snap(&[]), now);
         assert_eq!(d.removed.len(), 1);
         assert!(s.health.is_empty());
+    }
+
+    /// Two registry sources (only registry answers are guarded).
+    fn guarded(max_shrink: f64, hold: Duration) -> UpstreamState {
+        let mut s = state();
+        s.cfg.max_shrink = max_shrink;
+        s.cfg.shrink_hold = hold;
+        for (src, kind) in s.sources.iter_mut().zip(["consul", "etcd"]) {
+            src.kind = kind;
+            src.label = kind.into();
+        }
+        s
+    }
+
+    const FOUR: [&str; 4] = [
+        "127.0.0.2:80",
+        "127.0.0.3:80",
+        "127.0.0.4:80",
+        "127.0.0.5:80",
+    ];
+
+    fn rendered(s: &UpstreamState) -> Vec<String> {
+        s.endpoints.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_shrink_beyond_max_shrink_is_held_for_shrink_hold_then_applied() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+
+        // Three of four gone (75% > 50%): held, nothing changes.
+        let d = s.on_source(0, snap(&FOUR[..1]), t0 + Duration::from_secs(1));
+        assert_eq!(d.shrink, ShrinkEvent::Held);
+        assert!(!d.changed && !d.snapshot_changed);
+        assert_eq!(rendered(&s).len(), 4);
+        assert_eq!(s.next_release(), Some(t0 + Duration::from_secs(31)));
+        let why = s.shrink_held(t0 + Duration::from_secs(11)).unwrap();
+        assert!(
+            why.starts_with("source consul answered with 1 of the upstream's 4 endpoints (max_shrink = 0.5); held for 20.0s more"),
+            "{why}"
+        );
+
+        // The same answer again keeps the clock running from the first one.
+        let d = s.on_source(0, snap(&FOUR[..1]), t0 + Duration::from_secs(20));
+        assert_eq!(d.shrink, ShrinkEvent::StillHeld);
+        assert!(s.release_held(t0 + Duration::from_millis(30_999)).is_none());
+        assert_eq!(rendered(&s).len(), 4);
+
+        let (released, d) = s.release_held(t0 + Duration::from_secs(31)).unwrap();
+        assert_eq!(released, vec![0]);
+        assert!(d.changed && d.snapshot_changed);
+        assert_eq!(d.removed.len(), 3);
+        assert_eq!(rendered(&s), vec!["127.0.0.2:80"]);
+        assert_eq!(s.shrink_held(t0 + Duration::from_secs(31)), None);
+        assert_eq!(s.next_release(), None);
+    }
+
+    #[test]
+    fn an_answer_that_restores_the_endpoints_drops_the_hold() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        // An ACL token that lost service:read: an empty, successful answer.
+        assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::Held);
+        let d = s.on_source(0, snap(&FOUR), t0 + Duration::from_secs(2));
+        assert_eq!(d.shrink, ShrinkEvent::Dropped);
+        assert!(!d.changed, "the endpoints never left");
+        assert_eq!(s.next_release(), None);
+        assert!(s.release_held(t0 + Duration::from_secs(60)).is_none());
+        assert_eq!(rendered(&s).len(), 4);
+    }
+
+    #[test]
+    fn a_shrink_within_max_shrink_applies_at_once() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        // Exactly half: not more than max_shrink.
+        let d = s.on_source(0, snap(&FOUR[..2]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::None);
+        assert!(d.changed);
+        assert_eq!(rendered(&s).len(), 2);
+        // Growth is never held.
+        assert_eq!(s.on_source(0, snap(&FOUR), t0).shrink, ShrinkEvent::None);
+    }
+
+    #[test]
+    fn a_shrink_is_measured_on_the_merged_upstream_not_the_one_source() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&FOUR[..3]), t0);
+        // Source 0 empties, but source 1 still names three of the four: one of four removed.
+        let d = s.on_source(0, snap(&[]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::None);
+        assert_eq!(rendered(&s).len(), 3);
+    }
+
+    #[test]
+    fn a_static_list_is_never_held() {
+        let mut s = state();
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::None);
+        assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_zero_shrink_hold_or_max_shrink_of_one_turns_the_guard_off() {
+        for (max, hold) in [(0.5, Duration::ZERO), (1.0, Duration::from_secs(30))] {
+            let mut s = guarded(max, hold);
+            let t0 = Instant::now();
+            s.on_source(0, snap(&FOUR), t0);
+            s.on_source(1, snap(&[]), t0);
+            assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::None);
+            assert!(s.endpoints.is_empty());
+        }
+    }
+
+    fn saved(list: &[&str]) -> Option<SavedSnapshot> {
+        Some(SavedSnapshot {
+            endpoints: list.iter().map(|a| ep(a)).collect(),
+            saved_at: Some(SystemTime::UNIX_EPOCH),
+        })
+    }
+
+    #[test]
+    fn a_source_that_fails_before_answering_starts_from_its_saved_snapshot() {
+        let mut s = state();
+        s.sources[0].saved = saved(&FOUR[..2]);
+        let t0 = Instant::now();
+        s.on_source(1, snap(&[]), t0);
+        assert!(!s.sources_ready());
+        let d = s.on_source(
+            0,
+            SourceEvent::Failed {
+                error: "refused".into(),
+            },
+            t0,
+        );
+        assert!(d.started_from_saved && d.changed && !d.snapshot_changed);
+        assert!(s.sources_ready(), "rendering does not wait for the outage");
+        assert!(s.sources[0].from_saved);
+        assert_eq!(s.sources[0].error.as_deref(), Some("refused"));
+        assert_eq!(rendered(&s).len(), 2);
+
+        // A second failure changes nothing; the live answer replaces the saved one.
+        let failed = SourceEvent::Failed {
+            error: "refused".into(),
+        };
+        assert_eq!(s.on_source(0, failed, t0), Delta::default());
+        let d = s.on_source(0, snap(&FOUR[..3]), t0);
+        assert!(d.changed && d.snapshot_changed);
+        assert!(!s.sources[0].from_saved && s.sources[0].error.is_none());
+    }
+
+    #[test]
+    fn a_saved_snapshot_is_not_used_when_the_source_answers() {
+        let mut s = state();
+        s.sources[0].saved = saved(&FOUR[..2]);
+        let t0 = Instant::now();
+        let d = s.on_source(0, snap(&FOUR[..2]), t0);
+        assert!(d.changed, "the first answer of this run");
+        assert!(
+            !d.snapshot_changed,
+            "equal to what is saved: nothing to write"
+        );
+        assert!(!s.sources[0].from_saved);
+        let d = s.on_source(0, snap(&FOUR[..1]), t0);
+        assert!(d.snapshot_changed);
+    }
+
+    #[test]
+    fn the_saved_snapshot_is_the_shrink_baseline_before_the_first_answer() {
+        // A restart while the token lost service:read: the first answer is empty.
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        s.sources[0].saved = saved(&FOUR);
+        let t0 = Instant::now();
+        s.on_source(1, snap(&[]), t0);
+        let d = s.on_source(0, snap(&[]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::Held);
+        assert!(
+            !s.sources_ready(),
+            "nothing to render from until the hold ends"
+        );
+        let (_, d) = s.release_held(t0 + Duration::from_secs(30)).unwrap();
+        assert!(d.snapshot_changed);
+        assert!(s.sources_ready() && s.endpoints.is_empty());
     }
 
     #[test]

@@ -67,6 +67,12 @@ pub struct SourceStatus {
     pub updates: u64,
     /// Entries skipped as invalid in the last snapshot.
     pub skipped: usize,
+    /// The snapshot in use was saved by an earlier run (or before a config reload), because
+    /// the source failed before its first answer: stale until it answers.
+    pub from_saved: bool,
+    /// With `from_saved`: seconds since that snapshot was saved (`None` when carried over a
+    /// config reload).
+    pub saved_secs_ago: Option<f64>,
 }
 
 /// One endpoint.
@@ -185,6 +191,14 @@ pub(crate) fn upstream_status(
                 stale_secs: s.failing_since.map(|t| ago(now, t)),
                 updates: s.updates,
                 skipped: s.skipped,
+                from_saved: s.from_saved,
+                saved_secs_ago: s
+                    .saved
+                    .as_ref()
+                    .filter(|_| s.from_saved)
+                    .and_then(|saved| saved.saved_at)
+                    .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+                    .map(|d| d.as_secs_f64()),
             })
             .collect(),
         endpoints,

@@ -122,6 +122,38 @@ pub fn labels(sources: &[SourceConfig]) -> Vec<String> {
         .collect()
 }
 
+/// Checks what only a source's own constructor can (TLS files readable and matching the
+/// endpoints' scheme, a token usable as a header), without touching the network. Every
+/// problem is returned with its key path, for `upstreamd check`.
+pub fn check(cfg: &crate::config::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (u, upstream) in cfg.upstreams.iter().enumerate() {
+        for (i, source) in upstream.sources.iter().enumerate() {
+            let error = match source {
+                SourceConfig::Static(_) => None,
+                SourceConfig::Consul(c) => consul::ConsulWatch::new(c).err().map(|e| e.to_string()),
+                SourceConfig::Etcd(c) => etcd::EtcdWatch::new(c).err().map(|e| e.to_string()),
+            };
+            if let Some(e) = error {
+                problems.push(format!("upstream[{u}].source[{i}]: {e}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
+/// `step` says to stop (the controller is gone). Every await of a source goes through this.
+pub(crate) async fn until_shutdown(
+    step: impl std::future::Future<Output = bool>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        go_on = step => go_on,
+    }
+}
+
 /// Starts the task for one configured source.
 pub fn spawn(
     key: SourceKey,

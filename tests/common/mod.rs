@@ -2,6 +2,9 @@
 //! real `upstreamd` binary, each a child process killed and reaped in `Drop`.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod consul;
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -161,12 +164,56 @@ impl Nginx {
             .ok()
     }
 
+    /// The master's pid (the child this harness started).
+    pub fn master(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The master's children (workers, old generations still draining included), once it
+    /// has at least one.
+    pub fn wait_for_workers(&self) -> std::collections::BTreeSet<i32> {
+        let mut workers = std::collections::BTreeSet::new();
+        wait_for("nginx workers", Duration::from_secs(5), || {
+            workers = children(self.child.id()).into_iter().collect();
+            !workers.is_empty()
+        });
+        workers
+    }
+
+    /// `nginx -p DIR -c conf/nginx.conf` followed by `extra`: a command line for this nginx.
+    pub fn command(&self, extra: &[&str]) -> Vec<String> {
+        let dir = self.dir.path().display().to_string();
+        ["nginx", "-p", &dir, "-c", "conf/nginx.conf"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    }
+
     /// The `test_command` for this nginx, as TOML.
     pub fn test_command_toml(&self) -> String {
-        format!(
-            r#"["nginx", "-p", "{}", "-c", "conf/nginx.conf", "-t", "-q"]"#,
-            self.dir.path().display()
-        )
+        let argv: Vec<String> = self
+            .command(&["-t", "-q"])
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect();
+        format!("[{}]", argv.join(", "))
+    }
+
+    /// The library's `[nginx]` for this nginx: the given test command, SIGHUP (no reload
+    /// command), settle 250 ms, min_reload_interval 2 s, confirm_timeout 2 s.
+    pub fn config(&self, test_command: Vec<String>) -> upstreamd::config::NginxConfig {
+        upstreamd::config::NginxConfig {
+            output: self.output(),
+            pid_file: self.pid_file(),
+            test_command,
+            reload_command: vec![],
+            template: None,
+            settle: Duration::from_millis(250),
+            min_reload_interval: Duration::from_secs(2),
+            confirm_timeout: Duration::from_secs(2),
+            state_dir: None,
+        }
     }
 
     /// The `[nginx]` section pointing at this nginx, with the given extra lines.
@@ -194,17 +241,8 @@ impl Nginx {
 
     /// Runs `nginx -t` against the current files.
     pub fn test_config(&self) -> std::process::Output {
-        Command::new("nginx")
-            .args([
-                "-p",
-                self.dir.path().to_str().unwrap(),
-                "-c",
-                "conf/nginx.conf",
-                "-t",
-                "-q",
-            ])
-            .output()
-            .unwrap()
+        let argv = self.command(&["-t", "-q"]);
+        Command::new(&argv[0]).args(&argv[1..]).output().unwrap()
     }
 
     /// The rendered include file.
@@ -279,7 +317,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         // Workers are found before the master goes: once it is gone they belong to init.
         let workers = children(self.child.id());
-        let master = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let master = self.master();
         // SIGTERM: nginx's fast shutdown takes the workers down with the master.
         if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
             let start = Instant::now();
@@ -300,12 +338,24 @@ impl Drop for Nginx {
 
 /// A minimal HTTP/1.1 GET on a new connection (so nginx balances each request anew).
 pub fn http_get(authority: &str, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    http_request(authority, "GET", path, "", timeout)
+}
+
+/// A minimal HTTP/1.1 request with a body on a new connection: (status, body).
+pub fn http_request(
+    authority: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(authority).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut buf = Vec::new();
@@ -413,6 +463,11 @@ impl Replica {
         });
     }
 
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit_once(':').unwrap().1.parse().unwrap()
+    }
+
     /// Kills the replica abruptly.
     pub fn kill(&mut self) {
         kill_and_reap(&mut self.child);
@@ -457,9 +512,21 @@ pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
 impl Daemon {
     /// Starts `upstreamd run` on this config text.
     pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts `upstreamd run` with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(config, &[], env)
+    }
+
+    /// Starts `upstreamd run` with extra arguments and environment variables.
+    pub fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let (dir, path) = write_config(config);
         let mut child = Command::new(env!("CARGO_BIN_EXE_upstreamd"))
             .args(["run", "--config", path.to_str().unwrap()])
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "upstreamd=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -518,6 +585,34 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits for a daemon's first apply: nginx's first reload, and the daemon saying the file is
+/// current.
+pub fn first_apply(nginx: &Nginx, daemon: &Daemon) {
+    wait_for("the first reload", Duration::from_secs(10), || {
+        nginx.reloads() == 1
+    });
+    wait_for(
+        "the daemon to report the file current",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .output
+                .text()
+                .contains("Upstream file is up to date.")
+        },
+    );
+}
+
+/// Sleeps through `window`, in which nothing is expected to happen, then asserts that nothing
+/// did: still `reloads` reloads, the same file, the daemon running.
+pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reloads: usize) {
+    let before = nginx.rendered();
+    std::thread::sleep(window);
+    assert_eq!(nginx.reloads(), reloads, "no reload without a change");
+    assert_eq!(nginx.rendered(), before, "the file did not change");
+    assert!(daemon.alive(), "the daemon runs");
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
@@ -553,7 +648,111 @@ pub fn static_config(
     )
 }
 
+/// The `server …;` lines of a rendered file, trimmed, in file order.
+pub fn server_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `server ADDR …;` lines in the order upstreamd renders them: by address (IP, then port).
+pub fn in_render_order(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort_by_key(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|a| a.trim_end_matches(';').parse::<std::net::SocketAddr>().ok())
+    });
+    lines
+}
+
+/// A `wait_spread` predicate: exactly these replicas answered, and nothing failed.
+pub fn exactly(names: &[&str]) -> impl Fn(&std::collections::BTreeMap<String, usize>) -> bool {
+    let want: std::collections::BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+    move |seen| {
+        seen.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            == want
+    }
+}
+
 /// Whether `path` exists.
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// `GET /status` from the admin server, as JSON.
+pub fn admin_status(admin: &str) -> serde_json::Value {
+    let (code, body) = http_get(admin, "/status", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("GET http://{admin}/status failed"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `GET /metrics` from the admin server.
+pub fn admin_metrics(admin: &str) -> String {
+    http_get(admin, "/metrics", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("GET http://{admin}/metrics failed"))
+        .1
+}
+
+/// The value of one series in Prometheus text, e.g. `upstreamd_reloads_total{result="ok"}`;
+/// 0 when absent (a counter never bumped is not exposed).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The local addresses listening on TCP `port`, from /proc/net/tcp and tcp6 (hex as the
+/// kernel prints them, e.g. `0100007F` for 127.0.0.1).
+pub fn listening_on(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let Some((addr, p)) = local.split_once(':') else {
+                continue;
+            };
+            if *state == "0A" && u16::from_str_radix(p, 16) == Ok(port) {
+                found.push(addr.to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// A process that is not nginx (`sleep 60`), killed and reaped in `Drop`.
+pub struct Bystander(pub Child);
+
+impl Bystander {
+    /// Starts `sleep 60` and waits until its command line shows it.
+    pub fn start() -> Self {
+        let b = Self(Command::new("sleep").arg("60").spawn().unwrap());
+        wait_for("sleep to exec", Duration::from_secs(5), || {
+            std::fs::read(format!("/proc/{}/cmdline", b.0.id()))
+                .is_ok_and(|c| c.starts_with(b"sleep"))
+        });
+        b
+    }
+
+    /// Whether it still runs (it has not been signalled to death).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.0);
+    }
 }

@@ -51,7 +51,7 @@ use api::{HealthServiceRequest, ServiceEntry};
 use blocking::{request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
 use parse::{parse_entries, Skipped};
 
-use super::{Sink, Source};
+use super::{until_shutdown, Sink, Source};
 use crate::config::ConsulSource;
 
 /// Why a Consul source could not be set up or a request failed. Never carries the token.
@@ -183,6 +183,19 @@ impl ConsulWatch {
             .ok_or(ConsulError::NoIndex(answer.index.clone()))?;
         Ok((returned, answer.response))
     }
+}
+
+/// Parses one `/v1/health/service` answer body the way the source does: the JSON array
+/// decoded leniently, then every instance validated. Returns the valid endpoints and how many
+/// instances were skipped. The source itself gets the decoded body from consulrs; this entry
+/// point exists so property tests and fuzz targets reach the same parser from raw bytes.
+pub fn parse_answer(
+    body: &[u8],
+    tags: &[String],
+) -> Result<(Vec<crate::model::Endpoint>, usize), serde_json::Error> {
+    let entries: Vec<ServiceEntry> = serde_json::from_slice(body)?;
+    let parsed = parse_entries(&entries, tags);
+    Ok((parsed.endpoints, parsed.skipped.len()))
 }
 
 fn check_url(raw: &str) -> Result<String, ConsulError> {
@@ -336,18 +349,6 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
         shutdown,
     )
     .await
-}
-
-/// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
-/// `step` says to stop (the controller is gone).
-async fn until_shutdown(
-    step: impl std::future::Future<Output = bool>,
-    shutdown: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        go_on = step => go_on,
-    }
 }
 
 #[cfg(test)]

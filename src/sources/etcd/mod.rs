@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use entry::{parse_entry, EntryError};
 use machine::{backoff_delay, Change, Input, Machine, Phase, Step, WatchMsg};
 
-use super::{Sink, Source};
+use super::{until_shutdown, Sink, Source};
 use crate::config::EtcdSource;
 
 /// The largest list or watch response accepted (etcd-client's default is 4 MiB, which a
@@ -477,18 +477,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     parts.dedup();
     parts.join(": ")
-}
-
-/// Runs `step` (a send to a busy controller); false when shutdown came first or `step`
-/// says to stop (the controller is gone).
-async fn until_shutdown(
-    step: impl std::future::Future<Output = bool>,
-    shutdown: &CancellationToken,
-) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        go_on = step => go_on,
-    }
 }
 
 #[cfg(test)]

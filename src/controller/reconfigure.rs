@@ -1,0 +1,193 @@
+//! Starting upstreams and applying a reloaded config in place: which upstreams keep their
+//! source tasks, snapshots and verdicts, and which restart.
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::saved::{self, Saver};
+use super::state::{SavedSnapshot, UpstreamState};
+use super::{Controller, ControllerError};
+use crate::config::{Config, NginxConfig, UpstreamConfig};
+use crate::nginx::Nginx;
+use crate::render::Renderer;
+use crate::sources::{self, SourceKey};
+
+impl<N: Nginx> Controller<N> {
+    fn start_upstream(&mut self, cfg: UpstreamConfig) -> (UpstreamState, CancellationToken) {
+        let labels = sources::labels(&cfg.sources);
+        let token = self.shutdown.child_token();
+        for (index, (scfg, label)) in cfg.sources.iter().zip(&labels).enumerate() {
+            let key = SourceKey {
+                upstream: cfg.name.clone(),
+                index,
+                label: label.clone(),
+                generation: self.generation,
+            };
+            self.metrics.set(
+                "upstreamd_source_up",
+                &[("upstream", cfg.name.as_str()), ("source", label)],
+                0.0,
+            );
+            sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
+        }
+        self.metrics.set(
+            "upstreamd_shrink_held",
+            &[("upstream", cfg.name.as_str())],
+            0.0,
+        );
+        let mut state = UpstreamState::new(cfg, labels);
+        state.generation = self.generation;
+        self.load_saved(&mut state);
+        (state, token)
+    }
+
+    /// Reads the snapshots an earlier run saved for this upstream's registry sources.
+    fn load_saved(&self, state: &mut UpstreamState) {
+        let Some(saver) = &self.saver else { return };
+        for (scfg, src) in state.cfg.sources.iter().zip(&mut state.sources) {
+            let Some(identity) = saved::identity(scfg) else {
+                continue;
+            };
+            match saver.load(&state.cfg.name, &src.label, &identity) {
+                Ok(Some(saved)) => {
+                    tracing::info!(upstream = %state.cfg.name, source = %src.label,
+                        endpoints = saved.endpoints.len(),
+                        "Found the snapshot an earlier run saved; it is used only if the source fails before its first answer.");
+                    src.saved = Some(saved);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(upstream = %state.cfg.name, source = %src.label, %error,
+                    "Could not use the saved snapshot.")
+                }
+            }
+        }
+    }
+
+    pub(super) fn start_all(&mut self) {
+        let dir = self.cfg.nginx.state_dir.as_deref();
+        if self.saver.as_ref().map(Saver::dir) != dir {
+            self.saver = dir.map(Saver::start);
+        }
+        for u in self.cfg.upstreams.clone() {
+            let (state, token) = self.start_upstream(u);
+            self.upstreams.push(state);
+            self.source_tokens.push(token);
+        }
+    }
+
+    /// Applies a new, validated config in place: upstreams whose sources are unchanged keep
+    /// their source tasks and snapshots (and their probe verdicts, unless the health config
+    /// changed); others restart. The `[nginx]` paths and commands are bound to the running
+    /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template` and
+    /// `state_dir` apply at once.
+    pub(super) fn reconfigure(&mut self, mut cfg: Config) -> Result<(), ControllerError> {
+        self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
+        let (old_nginx, new_nginx) = (&self.cfg.nginx, &cfg.nginx);
+        if (
+            &old_nginx.output,
+            &old_nginx.pid_file,
+            &old_nginx.test_command,
+            &old_nginx.reload_command,
+            old_nginx.confirm_timeout,
+        ) != (
+            &new_nginx.output,
+            &new_nginx.pid_file,
+            &new_nginx.test_command,
+            &new_nginx.reload_command,
+            new_nginx.confirm_timeout,
+        ) {
+            tracing::warn!("The [nginx] output, pid_file, commands and confirm_timeout take effect on restart; keeping the running ones.");
+            cfg.nginx = NginxConfig {
+                settle: cfg.nginx.settle,
+                min_reload_interval: cfg.nginx.min_reload_interval,
+                template: cfg.nginx.template.clone(),
+                state_dir: cfg.nginx.state_dir.clone(),
+                ..self.cfg.nginx.clone()
+            };
+        }
+        let dir = cfg.nginx.state_dir.as_deref();
+        if self.saver.as_ref().map(Saver::dir) != dir {
+            self.saver = dir.map(Saver::start);
+        }
+        let now = Instant::now();
+        let mut old: Vec<(UpstreamState, CancellationToken)> = self
+            .upstreams
+            .drain(..)
+            .zip(self.source_tokens.drain(..))
+            .collect();
+        let (mut kept, mut restarted) = (0, 0);
+        for ucfg in cfg.upstreams.clone() {
+            let found = old.iter().position(|(o, _)| o.cfg.name == ucfg.name);
+            let (state, token) = match found {
+                Some(i) if old[i].0.cfg.sources == ucfg.sources => {
+                    let (mut state, token) = old.remove(i);
+                    let health_changed = state.cfg.health != ucfg.health;
+                    state.cfg = ucfg;
+                    if health_changed {
+                        state.reset_health(now);
+                    }
+                    kept += 1;
+                    (state, token)
+                }
+                found => {
+                    let prev = found.map(|i| old.remove(i));
+                    self.generation += 1;
+                    let (mut state, token) = self.start_upstream(ucfg);
+                    if let Some((prev, prev_token)) = prev {
+                        prev_token.cancel();
+                        // Verdicts of endpoints that stay carry over when probing is unchanged.
+                        carry_snapshots(&prev, &mut state);
+                        if prev.cfg.health == state.cfg.health {
+                            state.health = prev.health;
+                            state.hinted_404 = prev.hinted_404;
+                        }
+                    }
+                    restarted += 1;
+                    (state, token)
+                }
+            };
+            self.prober
+                .sync(&state.cfg.name, &state.cfg.health, &state.addresses());
+            self.upstreams.push(state);
+            self.source_tokens.push(token);
+        }
+        for (gone, token) in old {
+            token.cancel();
+            self.prober.remove_upstream(&gone.cfg.name);
+            for family in [
+                "upstreamd_endpoints",
+                "upstreamd_source_up",
+                "upstreamd_shrink_held",
+            ] {
+                self.metrics
+                    .forget(family, ("upstream", gone.cfg.name.as_str()));
+            }
+        }
+        self.cfg = cfg;
+        self.gauges_stale = true;
+        self.dirty = true;
+        tracing::info!(kept, restarted, "Configuration reloaded.");
+        // Ends the RELOADING=1 that main sent when SIGHUP arrived.
+        self.notify("READY", self.notifier.ready());
+        Ok(())
+    }
+}
+
+/// When a reload restarts an upstream, each of its sources configured as before keeps its last
+/// snapshot as its saved one, so it is the shrink guard's baseline and the fallback if the
+/// restarted source fails before answering.
+fn carry_snapshots(prev: &UpstreamState, new: &mut UpstreamState) {
+    for (i, src) in new.sources.iter_mut().enumerate() {
+        let same = prev.cfg.sources.get(i) == new.cfg.sources.get(i);
+        if let (true, Some(endpoints)) =
+            (same, prev.sources.get(i).and_then(|p| p.snapshot.clone()))
+        {
+            src.saved = Some(SavedSnapshot {
+                endpoints,
+                saved_at: None,
+            });
+        }
+    }
+}

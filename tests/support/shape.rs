@@ -1,0 +1,143 @@
+//! The shape of a file the built-in template renders, checked line by line.
+//!
+//! Shared by the property tests in `tests/injection.rs` and the fuzz targets in `fuzz/`
+//! (include it with `#[path = ".../tests/support/shape.rs"] mod shape;`). Every line must be
+//! one of the lines the template can produce, with the variable parts limited to what the
+//! typed values allow; braces must nest one deep and balance; and the number of `upstream`
+//! blocks and `server` lines must be the number the caller fed in. So a registry string that
+//! added a directive, a server, a brace or a line break would fail here.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+/// `[A-Za-z0-9_]+`: upstream names and cookie names.
+const WORD: &str = r"[A-Za-z0-9_]+";
+/// An address as `Address`'s `Display` prints it: IPv4, bracketed IPv6, lower-case RFC 1123
+/// hostname; then a port.
+const ADDRESS: &str = r"(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*):[0-9]{1,5}";
+
+/// What a rendered file must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// `upstream NAME {` blocks.
+    pub upstreams: usize,
+    /// `server` lines, placeholders included.
+    pub servers: usize,
+}
+
+struct Grammar {
+    server: Regex,
+    lines: Vec<(&'static str, Regex)>,
+}
+
+fn grammar() -> &'static Grammar {
+    static G: OnceLock<Grammar> = OnceLock::new();
+    G.get_or_init(|| {
+        let w = WORD;
+        let line = |kind: &'static str, re: String| (kind, Regex::new(&format!("^{re}$")).unwrap());
+        Grammar {
+            server: Regex::new(&format!(
+                r"^    server {ADDRESS}(?: weight=[0-9]{{1,4}})?(?: max_fails=[0-9]{{1,4}})?(?: fail_timeout=[0-9]{{1,5}}s)?(?: backup)?(?: down)?;$"
+            ))
+            .unwrap(),
+            lines: vec![
+                line("blank", String::new()),
+                line(
+                    "comment",
+                    r"# Managed by upstreamd: changes here are overwritten\. Source of truth: the registry\.".into(),
+                ),
+                line(
+                    "comment",
+                    format!(r"# {w}: affinity on the {w} cookie, the client address until it is set\."),
+                ),
+                line(
+                    "comment",
+                    format!(r"# In the location: add_header Set-Cookie \${w}_affinity_cookie always;"),
+                ),
+                line(
+                    "comment",
+                    r"    # Nothing is registered; nginx refuses an empty upstream\.".into(),
+                ),
+                line(
+                    "comment",
+                    r"    # Every endpoint fails its health check: on_all_unhealthy = (?:fail_open|fail_closed)\.".into(),
+                ),
+                line("open", format!(r"map \$cookie_{w} \${w}_affinity_(?:key|cookie) \{{")),
+                line("map", r#"    ""      \$remote_addr;"#.into()),
+                line("map", format!(r"    default \$cookie_{w};")),
+                line(
+                    "map",
+                    format!(r#"    ""      "{w}=\$request_id; Path=/; HttpOnly; SameSite=Lax";"#),
+                ),
+                line("map", r#"    default "";"#.into()),
+                line("open", format!(r"upstream {w} \{{")),
+                line("directive", format!(r"    zone {w} [0-9]+k;")),
+                line("directive", r"    least_conn;".into()),
+                line("directive", r"    ip_hash;".into()),
+                line("directive", r"    hash [$A-Za-z0-9_.:-]+ consistent;".into()),
+                line("directive", r"    random two least_conn;".into()),
+                line("directive", r"    keepalive [0-9]+;".into()),
+                line("close", r"\}".into()),
+            ],
+        }
+    })
+}
+
+/// Checks `text` against the template's grammar and the expected counts; the error names the
+/// first offending line.
+pub fn check(text: &str, expected: Expected) -> Result<(), String> {
+    let g = grammar();
+    let (mut depth, mut upstreams, mut servers) = (0usize, 0usize, 0usize);
+    if text.contains('\r') || text.contains('\0') {
+        return Err("the file holds a carriage return or a NUL".into());
+    }
+    for (n, l) in text.split('\n').enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {l:?}", n + 1);
+        let kind = if l.trim_start().starts_with("server ") {
+            if !g.server.is_match(l) {
+                return Err(at("a server line outside the strict grammar"));
+            }
+            servers += 1;
+            "server"
+        } else {
+            match g.lines.iter().find(|(_, re)| re.is_match(l)) {
+                Some((kind, _)) => kind,
+                None => return Err(at("a line the template cannot produce")),
+            }
+        };
+        if kind != "comment" && !kind.starts_with("map") && l.matches(';').count() > 1 {
+            return Err(at("more than one `;`"));
+        }
+        match kind {
+            "open" => {
+                if depth != 0 {
+                    return Err(at("a block opened inside a block"));
+                }
+                depth = 1;
+                upstreams += usize::from(l.starts_with("upstream "));
+            }
+            "close" => {
+                if depth != 1 {
+                    return Err(at("a `}` closing nothing"));
+                }
+                depth = 0;
+            }
+            "blank" | "comment" => {}
+            _ if depth != 1 => return Err(at("a directive outside a block")),
+            _ => {}
+        }
+        if l.matches('{').count() + l.matches('}').count() > 1 {
+            return Err(at("more than one brace"));
+        }
+    }
+    if depth != 0 {
+        return Err("a block is left open at the end".into());
+    }
+    let found = Expected { upstreams, servers };
+    if found != expected {
+        return Err(format!("expected {expected:?}, found {found:?}"));
+    }
+    Ok(())
+}
