@@ -294,7 +294,9 @@ pub enum Source<'a> {
     },
 }
 
-/// upstreamd's config for `nginx`.
+/// upstreamd's config for `nginx`. The shrink guard is off: the discovery trials remove their
+/// spare replicas together on purpose, which the guard would hold for 30 s (it has its own
+/// tests in `tests/registries.rs`).
 pub fn upstreamd_toml(
     nginx: &Nginx,
     admin: &str,
@@ -335,7 +337,8 @@ pub fn upstreamd_toml(
         "[nginx]\noutput = \"{output}\"\npid_file = \"{pid}\"\ntest_command = [{test}]\n\
          settle = \"{settle}\"\nmin_reload_interval = \"{min_reload_interval}\"\n\n\
          [admin]\nlisten = \"{admin}\"\n\n\
-         [[upstream]]\nname = \"kotaemon\"\nbalance = \"{balance}\"\n{affinity}\n\
+         [[upstream]]\nname = \"kotaemon\"\nbalance = \"{balance}\"\n{affinity}\
+         shrink_hold = \"0s\"\n\n\
          [upstream.health]\npath = \"/queue/status\"\nexpect_body = '\"msg\":\"estimation\"'\n\
          interval = \"{interval}\"\ntimeout = \"{timeout}\"\nrise = {rise}\nfall = {fall}\n\n\
          [[upstream.source]]\n{source}",

@@ -261,7 +261,8 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
          (`GET /`, {rate} req/s over {users} users with their own affinity cookie and keep-alive \
          connections; a user gives up after {timeout} s). upstreamd probes `/queue/status` every \
          {interval} (timeout {htimeout}, rise {rise}, fall {fall}), `settle = 250ms`, \
-         `min_reload_interval = 2s` unless said otherwise. **Peers:** *nginx alone* has the same \
+         `min_reload_interval = 2s` unless said otherwise, `shrink_hold = 0s` (the harness \
+         scales down on purpose). **Peers:** *nginx alone* has the same \
          file written once, with nginx's passive checks spelled out (`max_fails=1 \
          fail_timeout=10s`, nginx's defaults, also what upstreamd renders here); the *naive \
          reloader* (`benches/scenarios/naive-reloader.sh`) every 2 s lists the members, keeps those \
