@@ -415,6 +415,40 @@ async fn slow_mode_delays_queue_status_but_answers_it() {
 }
 
 #[tokio::test]
+async fn sick_mode_fails_queue_status_at_once_but_serves_everything_else_slowly() {
+    let standin = Standin::ready("replica-a", &[]).await;
+    standin.set_mode("sick:400").await;
+
+    let started = Instant::now();
+    let response = queue_status(&standin).await;
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "the health path answers at once: {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let response = client().get(standin.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        response.text().await.unwrap(),
+        "kotaemon-standin replica-a\n"
+    );
+
+    // The control route is not delayed, so the replica can be cured promptly.
+    let started = Instant::now();
+    assert_eq!(standin.set_mode("healthy").await.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(queue_status(&standin).await.status(), 200);
+}
+
+#[tokio::test]
 async fn hang_via_control_file_swallows_requests_until_the_file_says_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let control = dir.path().join("mode");

@@ -4,7 +4,7 @@
 //! as the readiness probe, `404 {"detail":"Not Found"}` on `/health`, queue
 //! join + SSE data streams bound to per-replica session state, never-ending
 //! `/heartbeat/*` streams, and a startup delay before the port opens. Failure
-//! switches (`healthy`, `error`, `hang`, `slow:<ms>`, `exit`) are flipped with
+//! switches (`healthy`, `error`, `hang`, `slow:<ms>`, `sick:<ms>`, `exit`) are flipped with
 //! `POST /_standin/mode` or by writing the word to `--control-file`; in `hang`
 //! mode the control route hangs too, so only the control file brings the
 //! replica back.

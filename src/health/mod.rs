@@ -8,6 +8,6 @@ pub mod probe;
 pub mod prober;
 pub mod state;
 
-pub use probe::{build_client, probe_once, ProbeOutcome};
+pub use probe::{build_client, probe_once, Client, ProbeOutcome};
 pub use prober::{ProbeReport, Prober};
 pub use state::{Health, HealthState, Transition};

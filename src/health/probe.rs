@@ -3,7 +3,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::header::{HeaderValue, HOST};
+use std::sync::{Arc, Mutex};
+
+use reqwest::header::HeaderValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::HealthConfig;
@@ -66,119 +70,498 @@ impl fmt::Display for ProbeOutcome {
     }
 }
 
-/// Builds the HTTP client of probes: keep-alive pool of `max_idle_per_host` idle connections
-/// per endpoint, no proxy from the environment, no redirects followed, `User-Agent:
-/// upstreamd/<version>`. Share one per upstream; never build one per probe.
-pub fn build_client(max_idle_per_host: usize) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(USER_AGENT)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build()
+/// The connection a probe keeps for the next probe of the same endpoint: at most one idle
+/// keep-alive connection, dropped after [`POOL_IDLE_TIMEOUT`].
+///
+/// Probes speak just enough HTTP/1.1 themselves (a GET, then a head parsed by `httparse`, a
+/// Content-Length or chunked body) instead of going through a general client: an idle
+/// connection then costs its socket and a few dozen bytes, where a pooled hyper connection
+/// held a dispatch task, a channel and its buffers, some 20 KiB each — 300 MB for 10,000
+/// endpoints. One per endpoint task; cloning shares the slot.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    idle: Arc<Mutex<Option<Idle>>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    /// Where it is connected (`host:port`), so a shared slot never crosses endpoints.
+    to: String,
+    stream: TcpStream,
+    since: Instant,
+}
+
+impl Client {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The idle connection to `to`, if there is one that is young enough and still open.
+    fn take(&self, to: &str) -> Option<TcpStream> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        if idle.to != to || idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
+            return None;
+        }
+        // An idle connection has nothing to say: end of stream or bytes both mean it is
+        // unusable. (A close racing the next request is retried once, below.)
+        let mut probe = [0u8; 1];
+        match idle.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(idle.stream),
+            _ => None,
+        }
+    }
+
+    fn put(&self, to: &str, stream: TcpStream) {
+        *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(Idle {
+            to: to.to_owned(),
+            stream,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// A probe client; kept for callers that built one per upstream. `max_idle_per_host` is
+/// ignored: a [`Client`] holds one idle connection.
+pub fn build_client(_max_idle_per_host: usize) -> Result<Client, std::convert::Infallible> {
+    Ok(Client::new())
 }
 
 /// Probes `http://{address}{cfg.path}` once.
 ///
 /// The whole probe, connect to the last byte read, is bounded by `cfg.timeout`. The status
-/// must be within `cfg.expect_status`; with `cfg.expect_body`, at most 64 KiB of body is
-/// read, stopping as soon as the substring is seen. `cfg.host`, if set, is sent as `Host`.
-pub async fn probe_once(
-    client: &reqwest::Client,
-    address: &Address,
-    cfg: &HealthConfig,
-) -> ProbeOutcome {
+/// must be within `cfg.expect_status` (redirects are not followed); with `cfg.expect_body`,
+/// at most 64 KiB of body is read, stopping as soon as the substring is seen. `cfg.host`, if
+/// set, is sent as `Host`. The connection is kept in `client` for the next probe when the
+/// answer ended cleanly.
+pub async fn probe_once(client: &Client, address: &Address, cfg: &HealthConfig) -> ProbeOutcome {
     match ProbeTarget::new(address, cfg) {
         Ok(target) => target.probe(client, cfg).await,
         Err(outcome) => outcome,
     }
 }
 
-/// What a probe sends, built once per endpoint task so a probe only clones it.
+/// What a probe sends, built once per endpoint task so a probe only writes it.
 #[derive(Debug, Clone)]
 pub(crate) struct ProbeTarget {
-    url: reqwest::Url,
-    host: Option<HeaderValue>,
+    /// `host:port` to connect to.
+    connect_to: String,
+    /// The request's bytes.
+    request: Vec<u8>,
+}
+
+/// How a probe's exchange failed below HTTP.
+enum Failure {
+    /// Nothing came back on a connection that had served before: the server closed it as we
+    /// sent. Worth one more try on a new connection.
+    Stale(String),
+    Other(String),
 }
 
 impl ProbeTarget {
-    /// The URL and Host header for `address`; the error is the outcome every probe would have.
+    /// The URL and request for `address`; the error is the outcome every probe would have.
     pub(crate) fn new(address: &Address, cfg: &HealthConfig) -> Result<Self, ProbeOutcome> {
         let slash = if cfg.path.starts_with('/') { "" } else { "/" };
         let url = format!("http://{address}{slash}{}", cfg.path);
         let url = reqwest::Url::parse(&url)
             .map_err(|e| ProbeOutcome::Error(format!("invalid probe URL `{url}`: {e}")))?;
+        let host_name = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let connect_to = format!("{host_name}:{port}");
         let host = match &cfg.host {
-            None => None,
-            Some(h) => Some(
+            None => match url.port() {
+                Some(p) => format!("{host_name}:{p}"),
+                None => host_name,
+            },
+            Some(h) => {
                 HeaderValue::from_str(h)
-                    .map_err(|e| ProbeOutcome::Error(format!("invalid Host header {h:?}: {e}")))?,
-            ),
+                    .map_err(|e| ProbeOutcome::Error(format!("invalid Host header {h:?}: {e}")))?;
+                h.clone()
+            }
         };
-        Ok(Self { url, host })
+        let mut target = url.path().to_owned();
+        if let Some(q) = url.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nAccept: */*\r\n\r\n"
+        )
+        .into_bytes();
+        Ok(Self {
+            connect_to,
+            request,
+        })
     }
 
     /// One probe; see [`probe_once`].
-    pub(crate) async fn probe(&self, client: &reqwest::Client, cfg: &HealthConfig) -> ProbeOutcome {
+    pub(crate) async fn probe(&self, client: &Client, cfg: &HealthConfig) -> ProbeOutcome {
         let deadline = Instant::now() + cfg.timeout;
-        let mut request = client.get(self.url.clone());
-        if let Some(host) = &self.host {
-            request = request.header(HOST, host.clone());
+        let exchange = async {
+            let idle = client.take(&self.connect_to);
+            let reused = idle.is_some();
+            let stream = match idle {
+                Some(s) => s,
+                None => match self.connect().await {
+                    Ok(s) => s,
+                    Err(outcome) => return (outcome, None),
+                },
+            };
+            match self.exchange(stream, cfg, reused).await {
+                Ok(done) => done,
+                Err(Failure::Stale(_)) => match self.connect().await {
+                    Ok(s) => match self.exchange(s, cfg, false).await {
+                        Ok(done) => done,
+                        Err(Failure::Stale(m) | Failure::Other(m)) => {
+                            (ProbeOutcome::Error(m), None)
+                        }
+                    },
+                    Err(outcome) => (outcome, None),
+                },
+                Err(Failure::Other(m)) => (ProbeOutcome::Error(m), None),
+            }
+        };
+        let Ok((outcome, rest)) = timeout_at(deadline, exchange).await else {
+            // The connection went with the exchange: a late answer cannot be told from the next.
+            return ProbeOutcome::Timeout;
+        };
+        if let Some(mut rest) = rest {
+            // The verdict is in; what is left of the body is read only if it comes promptly,
+            // to keep the connection. Otherwise it is closed, never the verdict changed.
+            let until = deadline.min(Instant::now() + DRAIN_GRACE);
+            if let Ok(Ok(())) = timeout_at(until, rest.drain()).await {
+                client.put(&self.connect_to, rest.stream);
+            }
         }
-        // Dropping a response with body left unread is cheap: hyper drains what has already
-        // arrived and keeps the connection, or closes it if more is still on its way.
-        timeout_at(deadline, judge(request, cfg))
+        outcome
+    }
+
+    async fn connect(&self) -> Result<TcpStream, ProbeOutcome> {
+        let stream = TcpStream::connect(self.connect_to.as_str())
             .await
-            .unwrap_or(ProbeOutcome::Timeout)
+            .map_err(|e| ProbeOutcome::Error(format!("connect: {e}")))?;
+        // A failure here only costs latency; the probe still works.
+        let _nagle = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends the request on `stream` and judges the answer: the outcome and, when the
+    /// connection may carry the next probe, what is left to read of this answer.
+    async fn exchange(
+        &self,
+        mut stream: TcpStream,
+        cfg: &HealthConfig,
+        reused: bool,
+    ) -> Result<(ProbeOutcome, Option<Rest>), Failure> {
+        let early = |what: String| {
+            if reused {
+                Failure::Stale(what)
+            } else {
+                Failure::Other(what)
+            }
+        };
+        if let Err(e) = stream.write_all(&self.request).await {
+            return Err(early(format!("send: {e}")));
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(1024);
+        // The head, skipping interim (1xx) answers.
+        let (status, framing, keep_alive) = loop {
+            match parse_head(&mut buf).map_err(Failure::Other)? {
+                Some(head) => break head,
+                None => {
+                    if buf.len() >= MAX_HEAD {
+                        return Err(Failure::Other("response head over 64 KiB".into()));
+                    }
+                    buf.reserve(1024);
+                    match stream.read_buf(&mut buf).await {
+                        Ok(0) if buf.is_empty() => {
+                            return Err(early("connection closed before the answer".into()))
+                        }
+                        Ok(0) => return Err(Failure::Other("connection closed mid-answer".into())),
+                        Ok(_) => {}
+                        Err(e) if buf.is_empty() => return Err(early(format!("receive: {e}"))),
+                        Err(e) => return Err(Failure::Other(format!("receive: {e}"))),
+                    }
+                }
+            }
+        };
+        let mut rest = Rest {
+            stream,
+            buf,
+            body: Body::new(framing),
+        };
+        let (lo, hi) = cfg.expect_status;
+        let outcome = if !(lo..=hi).contains(&status) {
+            ProbeOutcome::BadStatus(status)
+        } else if let Some(needle) = cfg.expect_body.as_deref() {
+            let mut scan = Scan::new(needle.as_bytes());
+            loop {
+                rest.decode(|data| {
+                    // Chunks after the one with the text must not reset the verdict.
+                    if !scan.found() && !scan.exhausted() {
+                        scan.feed(data);
+                    }
+                })
+                .map_err(|e| Failure::Other(format!("invalid body: {e}")))?;
+                if scan.found() {
+                    break ProbeOutcome::Ok;
+                }
+                if rest.body.done() || scan.exhausted() {
+                    break ProbeOutcome::BodyMismatch;
+                }
+                match rest.fill().await {
+                    Ok(0) if rest.body.framing == Framing::UntilClose => {
+                        rest.body.state = BodyState::Done;
+                    }
+                    Ok(0) => return Err(Failure::Other("connection closed mid-body".into())),
+                    Ok(_) => {}
+                    Err(e) => return Err(Failure::Other(format!("receive: {e}"))),
+                }
+            }
+        } else {
+            ProbeOutcome::Ok
+        };
+        let reusable = keep_alive && rest.body.framing != Framing::UntilClose;
+        Ok((outcome, reusable.then_some(rest)))
     }
 }
 
-/// Sends the request and judges the response, reading no more body than the verdict needs.
-async fn judge(request: reqwest::RequestBuilder, cfg: &HealthConfig) -> ProbeOutcome {
-    let mut response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => return from_reqwest(e),
-    };
-    let status = response.status().as_u16();
-    let (lo, hi) = cfg.expect_status;
-    if !(lo..=hi).contains(&status) {
-        return ProbeOutcome::BadStatus(status);
-    }
-    let Some(needle) = cfg.expect_body.as_deref() else {
-        return ProbeOutcome::Ok;
-    };
-    let mut scan = Scan::new(needle.as_bytes());
-    while !scan.found() {
-        if scan.exhausted() {
-            return ProbeOutcome::BodyMismatch;
+/// Parses the response head at the start of `buf`, skipping interim (1xx) answers: the
+/// status, body framing and keep-alive, with the head removed from `buf`; `None` until the
+/// head is whole. Synchronous, so that `httparse`'s header array (2 KiB) never lives across
+/// an await in the probe future.
+fn parse_head(buf: &mut Vec<u8>) -> Result<Option<(u16, Framing, bool)>, String> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = response.code.unwrap_or(0);
+                if (100..200).contains(&status) && status != 101 {
+                    buf.drain(..len);
+                    continue;
+                }
+                let (framing, keep_alive) =
+                    framing_of(&response, status).map_err(|e| format!("invalid response: {e}"))?;
+                buf.drain(..len);
+                return Ok(Some((status, framing, keep_alive)));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("invalid response: {e}")),
         }
-        match response.chunk().await {
-            Ok(Some(chunk)) => scan.feed(&chunk),
-            Ok(None) => return ProbeOutcome::BodyMismatch,
-            Err(e) => return from_reqwest(e),
-        }
     }
-    ProbeOutcome::Ok
 }
 
-fn from_reqwest(e: reqwest::Error) -> ProbeOutcome {
-    if e.is_timeout() {
-        return ProbeOutcome::Timeout;
-    }
-    // The URL is known to whoever reads the outcome; the causes are what is worth saying.
-    let e = e.without_url();
-    let mut message = e.to_string();
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
+/// How long a probe waits, after its verdict, for the rest of a body to keep the connection.
+const DRAIN_GRACE: Duration = Duration::from_millis(50);
+/// The longest response head read.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// The body's framing (RFC 9112 section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// No length: the body ends when the connection does (never reused).
+    UntilClose,
+}
+
+/// The framing of `response`'s body and whether the connection stays open after it.
+fn framing_of(
+    response: &httparse::Response<'_, '_>,
+    status: u16,
+) -> Result<(Framing, bool), String> {
+    let mut keep_alive = response.version == Some(1);
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    for h in response.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") && response.version == Some(0) {
+                    keep_alive = true;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            if !chunked {
+                keep_alive = false;
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value
+                .parse()
+                .map_err(|_| format!("bad Content-Length {value:?}"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length headers".into());
+            }
+            length = Some(n);
         }
-        cause = c.source();
     }
-    ProbeOutcome::Error(message)
+    let framing = if status == 204 || status == 304 {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    Ok((framing, keep_alive))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    /// Length: bytes left. Chunked: data bytes left in the current chunk.
+    Data(u64),
+    /// Chunked: expecting a chunk-size line.
+    Size,
+    /// Chunked: expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// Chunked: expecting trailer lines up to an empty one.
+    Trailers,
+    Done,
+}
+
+/// Decoding state of one body.
+#[derive(Debug)]
+struct Body {
+    framing: Framing,
+    state: BodyState,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Length(0) => BodyState::Done,
+            Framing::Length(n) => BodyState::Data(n),
+            Framing::Chunked => BodyState::Size,
+            Framing::UntilClose => BodyState::Data(u64::MAX),
+        };
+        Self { framing, state }
+    }
+
+    fn done(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    /// Decodes what `buf` holds, handing the body's data to `data` and dropping what was
+    /// decoded from `buf`.
+    fn decode(&mut self, buf: &mut Vec<u8>, mut data: impl FnMut(&[u8])) -> Result<(), String> {
+        let mut pos = 0;
+        loop {
+            let left = &buf[pos..];
+            match self.state {
+                BodyState::Done => break,
+                BodyState::Data(n) => {
+                    if left.is_empty() {
+                        break;
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(left.len());
+                    data(&left[..take]);
+                    pos += take;
+                    let n = n - take as u64;
+                    self.state = match (n, self.framing) {
+                        (0, Framing::Chunked) => BodyState::DataEnd,
+                        (0, _) => BodyState::Done,
+                        (n, _) => BodyState::Data(n),
+                    };
+                }
+                BodyState::Size => {
+                    let Some(end) = find_crlf(left) else {
+                        if left.len() > 1024 {
+                            return Err("chunk-size line over 1 KiB".into());
+                        }
+                        break;
+                    };
+                    let line = std::str::from_utf8(&left[..end]).map_err(|_| "bad chunk size")?;
+                    let hex = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(hex, 16)
+                        .map_err(|_| format!("bad chunk size {hex:?}"))?;
+                    pos += end + 2;
+                    self.state = if size == 0 {
+                        BodyState::Trailers
+                    } else {
+                        BodyState::Data(size)
+                    };
+                }
+                BodyState::DataEnd => {
+                    if left.len() < 2 {
+                        break;
+                    }
+                    if &left[..2] != b"\r\n" {
+                        return Err("chunk data not followed by CRLF".into());
+                    }
+                    pos += 2;
+                    self.state = BodyState::Size;
+                }
+                BodyState::Trailers => {
+                    let Some(end) = find_crlf(left) else {
+                        if left.len() > 8 * 1024 {
+                            return Err("trailers over 8 KiB".into());
+                        }
+                        break;
+                    };
+                    pos += end + 2;
+                    if end == 0 {
+                        self.state = BodyState::Done;
+                    }
+                }
+            }
+        }
+        buf.drain(..pos);
+        Ok(())
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A connection whose answer has been judged, with what is left of the body.
+struct Rest {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    body: Body,
+}
+
+impl Rest {
+    fn decode(&mut self, data: impl FnMut(&[u8])) -> Result<(), String> {
+        self.body.decode(&mut self.buf, data)
+    }
+
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(4096);
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// Reads the rest of the body (at most [`MAX_BODY_SCAN`] more bytes) so that the
+    /// connection can carry the next probe; an error when it cannot.
+    async fn drain(&mut self) -> Result<(), String> {
+        let mut read = 0usize;
+        loop {
+            self.decode(|_| {})?;
+            if self.body.done() {
+                return if self.buf.is_empty() {
+                    Ok(())
+                } else {
+                    Err("bytes after the answer".into())
+                };
+            }
+            if read > MAX_BODY_SCAN {
+                return Err("body too long to drain".into());
+            }
+            match self.fill().await {
+                Ok(0) => return Err("closed".into()),
+                Ok(n) => read += n,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
 }
 
 /// Looks for a substring in a body that arrives in chunks, within the first [`MAX_BODY_SCAN`]
@@ -366,6 +749,13 @@ pub(crate) mod tests {
                 }),
             )
             .route(
+                "/chunked",
+                get(|| async {
+                    let (a, b) = ESTIMATION.as_bytes().split_at(5);
+                    chunks(stream::iter([a.to_vec(), b.to_vec()]))
+                }),
+            )
+            .route(
                 "/stall",
                 get(|| async {
                     chunks(stream::iter([b"{\"msg\":".to_vec()]).chain(stream::pending()))
@@ -387,7 +777,7 @@ pub(crate) mod tests {
     }
 
     async fn probe(address: &Address, cfg: &HealthConfig) -> ProbeOutcome {
-        probe_once(&build_client(1).unwrap(), address, cfg).await
+        probe_once(&Client::new(), address, cfg).await
     }
 
     #[tokio::test]
@@ -536,12 +926,22 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn probes_reuse_one_keep_alive_connection() {
         let (address, peers) = serve().await;
-        let client = build_client(1).unwrap();
+        let client = Client::new();
         let with_body = HealthConfig {
             expect_body: Some(ESTIMATION.into()),
             ..health("/queue/status")
         };
-        for cfg in [health("/queue/status"), with_body, health("/health")] {
+        let chunked = HealthConfig {
+            expect_body: Some(ESTIMATION.into()),
+            ..health("/chunked")
+        };
+        for cfg in [
+            health("/queue/status"),
+            with_body,
+            health("/health"),
+            chunked,
+            health("/chunked"),
+        ] {
             for _ in 0..3 {
                 probe_once(&client, &address, &cfg).await;
                 // Give the client a moment to put the connection back into its pool, as the
@@ -569,7 +969,14 @@ pub(crate) mod tests {
     fn probe_urls_bracket_ipv6_and_keep_the_query() {
         let address: Address = "[::1]:7860".parse().unwrap();
         let target = ProbeTarget::new(&address, &health("/queue/status?x=1")).unwrap();
-        assert_eq!(target.url.as_str(), "http://[::1]:7860/queue/status?x=1");
+        assert_eq!(target.connect_to, "[::1]:7860");
+        assert!(
+            target
+                .request
+                .starts_with(b"GET /queue/status?x=1 HTTP/1.1\r\nHost: [::1]:7860\r\n"),
+            "{}",
+            String::from_utf8_lossy(&target.request)
+        );
     }
 
     #[test]
@@ -594,6 +1001,101 @@ pub(crate) mod tests {
                 (false, "error")
             ]
         );
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_whole_however_it_is_cut() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        for cut in 0..=wire.len() {
+            let mut body = super::Body::new(Framing::Chunked);
+            let (mut buf, mut out) = (Vec::new(), Vec::new());
+            for part in [&wire[..cut], &wire[cut..]] {
+                buf.extend_from_slice(part);
+                body.decode(&mut buf, |d| out.extend_from_slice(d)).unwrap();
+            }
+            assert!(body.done(), "cut at {cut}");
+            assert!(buf.is_empty(), "cut at {cut}");
+            assert_eq!(out, b"hello world", "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_length_and_bad_chunks_are_errors() {
+        let mut body = super::Body::new(Framing::Length(3));
+        let (mut buf, mut out) = (b"abcdef".to_vec(), Vec::new());
+        body.decode(&mut buf, |d| out.extend_from_slice(d)).unwrap();
+        assert!(body.done());
+        assert_eq!((out.as_slice(), buf.as_slice()), (&b"abc"[..], &b"def"[..]));
+        let mut bad = super::Body::new(Framing::Chunked);
+        assert!(bad.decode(&mut b"zz\r\n".to_vec(), |_| {}).is_err());
+    }
+
+    #[test]
+    fn heads_skip_interim_answers_and_say_whether_the_connection_stays() {
+        let mut buf =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        assert_eq!(
+            parse_head(&mut buf),
+            Ok(Some((200, Framing::Length(2), true)))
+        );
+        assert_eq!(buf, b"ok");
+        let mut partial = b"HTTP/1.1 200 OK\r\nContent-Len".to_vec();
+        assert_eq!(parse_head(&mut partial), Ok(None));
+        for (head, want) in [
+            (
+                &b"HTTP/1.1 503 x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
+                (503, Framing::Length(0), false),
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+                (200, Framing::Length(1), false),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                (200, Framing::Chunked, true),
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\n", (200, Framing::UntilClose, true)),
+            (
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                (204, Framing::Length(0), true),
+            ),
+        ] {
+            assert_eq!(
+                parse_head(&mut head.to_vec()),
+                Ok(Some(want)),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        assert!(parse_head(&mut b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n".to_vec()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_replaced() {
+        // A server that answers one request per connection, then closes it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Keep-alive was promised; close anyway after a moment, as servers do.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let address = Address::from_parts("127.0.0.1", port).unwrap();
+        let client = Client::new();
+        for _ in 0..3 {
+            assert_eq!(
+                probe_once(&client, &address, &health("/x")).await,
+                ProbeOutcome::Ok
+            );
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
     }
 
     #[test]

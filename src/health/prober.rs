@@ -1,8 +1,8 @@
 //! The async shell that probes every endpoint on its schedule and sends the results on.
 //!
 //! One task per endpoint: first probe right away (spread a little when many start at once),
-//! then every `interval` ±10%. A shared semaphore bounds the probes in flight, one HTTP client
-//! per upstream keeps connections alive between probes. No health state lives here.
+//! then every `interval` ±10%. A shared semaphore bounds the probes in flight; each task keeps
+//! its endpoint's connection alive between probes. No health state lives here.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::probe::{build_client, ProbeOutcome, ProbeTarget};
+use super::probe::{Client, ProbeOutcome, ProbeTarget};
 use crate::config::HealthConfig;
 use crate::model::{Address, UpstreamName};
 
@@ -24,8 +24,6 @@ const FIRST_PROBE_SPREAD_PER_ENDPOINT: Duration = Duration::from_millis(2);
 const MAX_FIRST_PROBE_SPREAD: Duration = Duration::from_millis(200);
 /// A floor under `interval`, so a zero can never turn a task into a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
-/// Each task probes one endpoint at a time, so one idle connection per endpoint is enough.
-const MAX_IDLE_PER_ENDPOINT: usize = 1;
 
 /// The result of one probe of one endpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +53,6 @@ pub struct Prober {
 /// The probing of one upstream.
 struct Probed {
     cfg: Arc<HealthConfig>,
-    client: reqwest::Client,
     tasks: BTreeMap<Address, AbortOnDrop>,
 }
 
@@ -96,18 +93,10 @@ impl Prober {
         }
         let probed = match self.upstreams.entry(upstream.clone()) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => match build_client(MAX_IDLE_PER_ENDPOINT) {
-                Ok(client) => entry.insert(Probed {
-                    cfg: Arc::new(cfg.clone()),
-                    client,
-                    tasks: BTreeMap::new(),
-                }),
-                Err(e) => {
-                    // Nothing is recorded, so the next sync tries again.
-                    tracing::error!(%upstream, error = %e, "Failed to build the HTTP client for health probes.");
-                    return;
-                }
-            },
+            Entry::Vacant(entry) => entry.insert(Probed {
+                cfg: Arc::new(cfg.clone()),
+                tasks: BTreeMap::new(),
+            }),
         };
 
         let restarted = *probed.cfg != *cfg;
@@ -131,7 +120,7 @@ impl Prober {
                 upstream: upstream.clone(),
                 address: (*address).clone(),
                 cfg: Arc::clone(&probed.cfg),
-                client: probed.client.clone(),
+                client: Client::new(),
                 permits: Arc::clone(&self.permits),
                 tx: self.tx.clone(),
             };
@@ -178,7 +167,8 @@ struct Task {
     upstream: UpstreamName,
     address: Address,
     cfg: Arc<HealthConfig>,
-    client: reqwest::Client,
+    /// The task's own keep-alive connection.
+    client: Client,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<ProbeReport>,
 }
@@ -203,7 +193,9 @@ impl Task {
                 };
                 let started = Instant::now();
                 let outcome = match &target {
-                    Ok(target) => target.probe(&self.client, &self.cfg).await,
+                    // Boxed: the probe's state (a few KiB) exists only while it runs, and the
+                    // task's future stays small while it sleeps, times 10,000 endpoints.
+                    Ok(target) => Box::pin(target.probe(&self.client, &self.cfg)).await,
                     Err(outcome) => outcome.clone(),
                 };
                 (outcome, started.elapsed())

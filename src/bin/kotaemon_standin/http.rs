@@ -54,16 +54,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Logs each request and, in `hang` mode, swallows it without an answer.
+/// Logs each request; in `hang` mode swallows it without an answer, and in `sick` mode
+/// delays it (but the health path and the control route) before answering.
 async fn gate(State(state): State<Arc<AppState>>, request: Request, next: Middleware) -> Response {
     let method = request.method().clone();
     let uri = request.uri().clone();
-    if state.mode.get() == Mode::Hang {
-        tracing::debug!(replica = %state.replica, %method, %uri, "Hanging the request as asked.");
-        // Never resolves; hyper drops it when the client goes away.
-        return std::future::pending().await;
-    }
     let started = Instant::now();
+    match state.mode.get() {
+        Mode::Hang => {
+            tracing::debug!(replica = %state.replica, %method, %uri, "Hanging the request as asked.");
+            // Never resolves; hyper drops it when the client goes away.
+            return std::future::pending().await;
+        }
+        Mode::Sick(delay) if !matches!(uri.path(), "/queue/status" | "/_standin/mode") => {
+            tokio::time::sleep(delay).await;
+        }
+        _ => {}
+    }
     let response = next.run(request).await;
     tracing::debug!(
         replica = %state.replica,
@@ -83,8 +90,8 @@ async fn root(State(state): State<Arc<AppState>>) -> String {
 
 async fn queue_status(State(state): State<Arc<AppState>>) -> Response {
     match state.mode.get() {
-        Mode::Error => {
-            let detail = format!("kotaemon-standin {} is in error mode", state.replica);
+        mode @ (Mode::Error | Mode::Sick(_)) => {
+            let detail = format!("kotaemon-standin {} is in {mode} mode", state.replica);
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({ "detail": detail })),
@@ -255,8 +262,8 @@ async fn get_mode(State(state): State<Arc<AppState>>) -> String {
     format!("{}\n", state.mode.get())
 }
 
-/// Body: `healthy`, `error`, `hang`, `slow:<ms>` or `exit` (which exits
-/// without answering).
+/// Body: `healthy`, `error`, `hang`, `slow:<ms>`, `sick:<ms>` or `exit` (which
+/// exits without answering).
 async fn set_mode(State(state): State<Arc<AppState>>, body: String) -> Response {
     match body.parse::<Mode>() {
         Ok(mode) => {

@@ -24,6 +24,10 @@ pub enum Mode {
     Hang,
     /// `slow:<ms>`: `GET /queue/status` answers correctly after this delay.
     Slow(Duration),
+    /// `sick:<ms>`: `GET /queue/status` answers 503 at once, while every other request
+    /// (but the control route) is still answered correctly, after this delay: a replica
+    /// whose health check reports trouble while it keeps serving, slowly.
+    Sick(Duration),
     /// `exit`: the process exits with status 1 at once, without answering.
     Exit,
 }
@@ -38,20 +42,27 @@ impl FromStr for Mode {
             "error" => Ok(Mode::Error),
             "hang" => Ok(Mode::Hang),
             "exit" => Ok(Mode::Exit),
-            _ => match word.strip_prefix("slow:") {
-                Some(ms) => ms
-                    .trim()
-                    .parse::<u64>()
-                    .map(|ms| Mode::Slow(Duration::from_millis(ms)))
-                    .map_err(|_| {
-                        format!("`{word}`: slow takes whole milliseconds, e.g. slow:1500")
-                    }),
-                None => Err(format!(
-                    "unknown mode `{word}`; expected healthy, error, hang, slow:<ms> or exit"
-                )),
-            },
+            _ => {
+                if let Some(ms) = word.strip_prefix("slow:") {
+                    millis(word, "slow", ms).map(Mode::Slow)
+                } else if let Some(ms) = word.strip_prefix("sick:") {
+                    millis(word, "sick", ms).map(Mode::Sick)
+                } else {
+                    Err(format!(
+                        "unknown mode `{word}`; expected healthy, error, hang, slow:<ms>, sick:<ms> or exit"
+                    ))
+                }
+            }
         }
     }
+}
+
+/// The `<ms>` of `slow:<ms>` and `sick:<ms>`.
+fn millis(word: &str, mode: &str, ms: &str) -> Result<Duration, String> {
+    ms.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("`{word}`: {mode} takes whole milliseconds, e.g. {mode}:1500"))
 }
 
 impl fmt::Display for Mode {
@@ -61,6 +72,7 @@ impl fmt::Display for Mode {
             Mode::Error => f.write_str("error"),
             Mode::Hang => f.write_str("hang"),
             Mode::Slow(delay) => write!(f, "slow:{}", delay.as_millis()),
+            Mode::Sick(delay) => write!(f, "sick:{}", delay.as_millis()),
             Mode::Exit => f.write_str("exit"),
         }
     }
@@ -179,6 +191,10 @@ mod tests {
             "slow:1500".parse(),
             Ok(Mode::Slow(Duration::from_millis(1500)))
         );
+        assert_eq!(
+            "sick:800".parse(),
+            Ok(Mode::Sick(Duration::from_millis(800)))
+        );
     }
 
     #[test]
@@ -186,6 +202,8 @@ mod tests {
         assert!("sick".parse::<Mode>().is_err());
         assert!("slow:".parse::<Mode>().is_err());
         assert!("slow:1.5s".parse::<Mode>().is_err());
+        assert!("sick:".parse::<Mode>().is_err());
+        assert!("sick:fast".parse::<Mode>().is_err());
         assert!("".parse::<Mode>().is_err());
     }
 
@@ -196,6 +214,7 @@ mod tests {
             Mode::Error,
             Mode::Hang,
             Mode::Slow(Duration::from_millis(250)),
+            Mode::Sick(Duration::from_millis(800)),
             Mode::Exit,
         ] {
             assert_eq!(mode.to_string().parse(), Ok(mode));
