@@ -4,6 +4,7 @@
 //! The prober keeps no health state: the controller feeds each [`ProbeReport`] into the
 //! endpoint's [`HealthState`] and acts only on the [`Transition`]s it returns.
 
+mod http1;
 pub mod probe;
 pub mod prober;
 pub mod state;
