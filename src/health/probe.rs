@@ -72,7 +72,7 @@ impl fmt::Display for ProbeOutcome {
 }
 
 /// The connection a probe keeps for the next probe of the same endpoint: at most one idle
-/// keep-alive connection, dropped after [`POOL_IDLE_TIMEOUT`].
+/// keep-alive connection, dropped after 4 s idle.
 ///
 /// Probes speak just enough HTTP/1.1 themselves (a GET, then a head parsed by `httparse`, a
 /// Content-Length or chunked body) instead of going through a general client: an idle

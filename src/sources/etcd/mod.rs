@@ -1,6 +1,6 @@
 //! `kind = "etcd"`: every key under a prefix, listed at a revision and then watched from it.
 //!
-//! The state machine lives in [`machine`] (pure; see its diagram): `Connect` → `List`
+//! The state machine lives in `machine.rs` (pure; see its diagram): `Connect` → `List`
 //! (`Get(prefix, with_prefix)` at revision R; send the full snapshot) → `Watch` from R + 1
 //! (apply puts and deletes to the parsed entries; send a snapshot whenever the parsed
 //! membership changes) → on a compacted watch, `List` again; on any failure, report it once
