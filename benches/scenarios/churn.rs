@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::client::{run_load, LoadSpec};
-use crate::env::{Balance, Env, Members, Peer, Source, Stack};
+use crate::env::{Env, EtcdStack, Peer};
 use crate::stats::{self, Window};
 
 /// The health of the flapping replica flips this often.
@@ -38,37 +38,14 @@ pub async fn run(env: &mut Env, peer: Peer) -> Result<ChurnResult> {
     let plan = env.plan.clone();
     let after = if plan.quick { 2.5 } else { 4.0 };
     let quiet = 2.0;
-    let replicas = env.replicas("c", 4, 2, &[]).await?;
+    let EtcdStack {
+        replicas,
+        mut etcd,
+        prefix,
+        mut stack,
+    } = EtcdStack::start(env, "churn", "c", peer, &[]).await?;
     let (base, extra) = replicas.split_at(3);
     let extra = &extra[0];
-    let names: Vec<String> = base.iter().map(|r| r.name.clone()).collect();
-    let url = env.etcd().await?.url.clone();
-    let prefix = format!("/bench/churn-{peer:?}/").to_lowercase();
-    let mut etcd = etcd_client::Client::connect([url.as_str()], None).await?;
-    for r in base {
-        etcd.put(format!("{prefix}{}", r.name), r.addr.as_str(), None)
-            .await?;
-    }
-    let mut stack = Stack::start(
-        env,
-        "churn",
-        peer,
-        Balance::Sticky,
-        &[],
-        &Source::Etcd {
-            url: &url,
-            prefix: &prefix,
-        },
-        &Members::Etcd {
-            url: &url,
-            prefix: &prefix,
-        },
-        "250ms",
-        "2s",
-        &names,
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Phase starts, in seconds after the load starts.
     let noop_at = quiet;

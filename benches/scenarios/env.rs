@@ -380,6 +380,73 @@ pub struct Stack {
     pub naive: Option<Naive>,
 }
 
+/// Four replicas, the first three registered under an etcd prefix of their own, and a stack
+/// (front nginx and `peer`) following that prefix with a sticky balance, settle 250 ms and
+/// min_reload_interval 2 s; the fourth is the spare a scenario registers itself. Returns
+/// once nginx serves from the three and the first reload's old workers had 2 s to leave.
+pub struct EtcdStack {
+    /// The three registered replicas, then the spare.
+    pub replicas: Vec<Replica>,
+    /// A client of the scenario's etcd.
+    pub etcd: etcd_client::Client,
+    /// The key prefix, ending in `/`.
+    pub prefix: String,
+    /// The front nginx and its peer.
+    pub stack: Stack,
+}
+
+impl EtcdStack {
+    /// Starts it for scenario `what`, naming the replicas `{name}1…{name}4`; `extra` goes to
+    /// every replica's command line.
+    pub async fn start(
+        env: &mut Env,
+        what: &str,
+        name: &str,
+        peer: Peer,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let replicas = env.replicas(name, 4, 2, extra).await?;
+        let names: Vec<String> = replicas[..3].iter().map(|r| r.name.clone()).collect();
+        let url = env.etcd().await?.url.clone();
+        let prefix = format!("/bench/{what}-{peer:?}/").to_lowercase();
+        let mut etcd = etcd_client::Client::connect([url.as_str()], None).await?;
+        for r in &replicas[..3] {
+            etcd.put(format!("{prefix}{}", r.name), r.addr.as_str(), None)
+                .await?;
+        }
+        let (source, members) = (
+            Source::Etcd {
+                url: &url,
+                prefix: &prefix,
+            },
+            Members::Etcd {
+                url: &url,
+                prefix: &prefix,
+            },
+        );
+        let stack = Stack::start(
+            env,
+            what,
+            peer,
+            Balance::Sticky,
+            &[],
+            &source,
+            &members,
+            "250ms",
+            "2s",
+            &names,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(Self {
+            replicas,
+            etcd,
+            prefix,
+            stack,
+        })
+    }
+}
+
 /// Members of the naive reloader.
 pub enum Members<'a> {
     /// A file listing host:port lines.

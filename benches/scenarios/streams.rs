@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::client::{chat, open_tab, run_load, ChatOutcome, LoadSpec};
-use crate::env::{Balance, Env, Members, Peer, Source, Stack};
+use crate::env::{Env, EtcdStack, Peer, Stack};
 use crate::stats::{self, Window};
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,38 +37,13 @@ pub async fn run(env: &mut Env, peer: Peer) -> Result<StreamsResult> {
     let tokens = plan.tokens.to_string();
     let delay = format!("{}ms", plan.token_delay_ms);
     let extra = ["--tokens", tokens.as_str(), "--token-delay", delay.as_str()];
-    let replicas = env.replicas("t", 4, 2, &extra).await?;
-    let (base, spare) = replicas.split_at(3);
-    let spare = &spare[0];
-    let names: Vec<String> = base.iter().map(|r| r.name.clone()).collect();
-    let url = env.etcd().await?.url.clone();
-    let prefix = format!("/bench/streams-{peer:?}/").to_lowercase();
-    let mut etcd = etcd_client::Client::connect([url.as_str()], None).await?;
-    for r in base {
-        etcd.put(format!("{prefix}{}", r.name), r.addr.as_str(), None)
-            .await?;
-    }
-    let mut stack = Stack::start(
-        env,
-        "streams",
-        peer,
-        Balance::Sticky,
-        &[],
-        &Source::Etcd {
-            url: &url,
-            prefix: &prefix,
-        },
-        &Members::Etcd {
-            url: &url,
-            prefix: &prefix,
-        },
-        "250ms",
-        "2s",
-        &names,
-    )
-    .await?;
-    // Let the first reload's old workers leave before counting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let EtcdStack {
+        replicas,
+        mut etcd,
+        prefix,
+        mut stack,
+    } = EtcdStack::start(env, "streams", "t", peer, &extra).await?;
+    let spare = &replicas[3];
 
     let answer = Duration::from_millis(plan.token_delay_ms * u64::from(plan.tokens));
     let addr = stack.addr();
