@@ -141,3 +141,23 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Panics unless `text` has the template's shape with `expected` counts, and its `server`
+/// lines name exactly the addresses in `addresses` (the placeholder `127.0.0.1:1 down;` of an
+/// empty upstream aside, unless it is one of them).
+pub fn assert_renders(
+    text: &str,
+    expected: Expected,
+    addresses: &std::collections::BTreeSet<String>,
+) {
+    if let Err(e) = check(text, expected) {
+        panic!("{e}\n---- rendered:\n{text}");
+    }
+    let named: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("    server "))
+        .filter(|l| !l.starts_with("127.0.0.1:1 down;") || addresses.contains("127.0.0.1:1"))
+        .map(|l| l.split([' ', ';']).next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(&named, addresses, "server lines vs endpoints\n{text}");
+}
