@@ -613,6 +613,44 @@ pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reload
     assert!(daemon.alive(), "the daemon runs");
 }
 
+/// Waits for the daemon to report its source failed, then holds until `until` (a moment
+/// measured from the start of the outage) and asserts the outage changed nothing: no reload
+/// past the first, the file's `bytes`, the daemon running, nginx serving exactly `serving`.
+/// Returns when the failure was noticed.
+pub fn assert_outage_changes_nothing(
+    nginx: &Nginx,
+    daemon: &mut Daemon,
+    bytes: &[u8],
+    until: Instant,
+    serving: &[&str],
+) -> Instant {
+    wait_for(
+        "the daemon to notice the outage",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .output
+                .text()
+                .contains("Source failed; keeping its last snapshot")
+        },
+    );
+    let noticed = Instant::now();
+    std::thread::sleep(until.saturating_duration_since(noticed));
+    assert_eq!(nginx.reloads(), 1, "no reload during the outage");
+    assert_eq!(
+        std::fs::read(nginx.output()).unwrap(),
+        bytes,
+        "the file is untouched"
+    );
+    assert!(daemon.alive());
+    nginx.wait_spread(
+        20,
+        "nginx to keep serving the last good list",
+        exactly(serving),
+    );
+    noticed
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
