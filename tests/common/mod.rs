@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod consul;
+pub mod docker;
 pub mod etcd;
 
 use std::io::{BufRead, BufReader};
