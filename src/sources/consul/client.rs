@@ -5,6 +5,8 @@
 //! PEM bundle on top of the system's and webpki's roots, follows no redirects (the token
 //! would go along), reads at most [`MAX_BODY`] of an answer, and reads the blocking-query
 //! index from `X-Consul-Index`. The caller bounds each request with its own timeout.
+//! `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` apply as reqwest reads them, as they do for
+//! Consul's own CLI.
 
 use std::path::Path;
 
