@@ -215,7 +215,7 @@ impl Warned {
         for s in skipped.difference(&self.skipped) {
             let (id, node) = (shown(&s.service_id), shown(&s.node));
             tracing::warn!(
-                service, service_id = %id, %node,
+                %service, service_id = %id, %node,
                 "Skipped Consul service ID {id} on node {node}: {}.", s.reason
             );
         }
@@ -230,7 +230,7 @@ impl Warned {
                 "their Meta attributes are the same"
             };
             tracing::warn!(
-                service, service_id = %id, %node, kept_service_id = %kept_id, kept_node = %kept_node,
+                %service, service_id = %id, %node, kept_service_id = %kept_id, kept_node = %kept_node,
                 address = %d.address,
                 "Skipped Consul service ID {id} on node {node}: its address {} is already given by service ID {kept_id} on node {kept_node}, which wins (a passing instance, then the lowest service ID); {attrs}.",
                 d.address
