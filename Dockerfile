@@ -17,7 +17,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY templates templates
-RUN cargo build --release --locked --bins
+RUN cargo build --release --locked --bins --features standins
 
 # Debian bookworm, like the builder, so the binaries find the glibc they were linked with.
 FROM ${NGINX_IMAGE}

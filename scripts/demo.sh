@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 bash scripts/install-deps.sh
-cargo build --release --bins --locked
+cargo build --release --bins --locked --features standins
 bin=$root/target/release
 dir=$(mktemp -d /tmp/upstreamd-demo.XXXXXX)
 mkdir -p "$dir"/{conf,logs,tmp}

@@ -15,3 +15,4 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
+command -v cargo-audit >/dev/null || cargo install --locked cargo-audit

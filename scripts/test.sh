@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# No known-vulnerable dependency: Cargo.lock against the RustSec snapshot beside the clone
+# (no network). Exceptions, each with its reason, are listed in the README's Development.
+cargo audit --db "${ADVISORY_DB:-../shared/advisory-db}" --no-fetch --stale
 cargo test --all-targets --locked
 # The benchmark harness end to end (real nginx, etcd, stand-ins), tiny sizes, from the debug
 # build the tests just made: it fails only if the harness itself breaks, never on a timing.

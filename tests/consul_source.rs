@@ -190,6 +190,7 @@ on_every_lane!(
     token_is_sent_and_never_logged,
     a_quiet_service_costs_few_requests,
     shutdown_ends_a_blocked_query_at_once,
+    a_duplicate_address_renders_the_lowest_id_and_warns_once_naming_both,
 );
 
 async fn discovery(lane: Lane) {
@@ -486,6 +487,51 @@ async fn shutdown_ends_a_blocked_query_at_once(lane: Lane) {
     println!(
         "{lane:?}: stopped {:?} after shutdown, mid blocking query",
         t.elapsed()
+    );
+}
+
+async fn a_duplicate_address_renders_the_lowest_id_and_warns_once_naming_both(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    // Registered first, but "k2" sorts after "k1": its weight must not be the one rendered.
+    reg.register(instance(
+        "k2-dup",
+        "10.10.0.1",
+        7860,
+        &[],
+        json!({"weight": "2"}),
+    ))
+    .await;
+    reg.register(instance(
+        "k1-dup",
+        "10.10.0.1",
+        7860,
+        &[],
+        json!({"weight": "7"}),
+    ))
+    .await;
+    let mut w = watch(&reg, &[], SECOND, None);
+    let (eps, skipped) = w
+        .snapshot(5 * SECOND, "the shared address", has("10.10.0.1:7860"))
+        .await;
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(eps[0].attrs.weight, Some(7), "k1-dup's Meta wins");
+    assert_eq!(
+        skipped, 1,
+        "the duplicate is counted as skipped, as etcd counts it"
+    );
+    // Another change: the source answers again with the duplicate still there.
+    reg.register(instance("k3", "10.10.0.3", 7860, &[], json!({})))
+        .await;
+    w.snapshot(2 * SECOND, "k3", has("10.10.0.3:7860")).await;
+    let log = w.logs.text();
+    let warning = "Skipped Consul service ID k2-dup on node";
+    assert_eq!(log.matches(warning).count(), 1, "warned once:\n{log}");
+    let line = log.lines().find(|l| l.contains(warning)).unwrap();
+    assert!(
+        line.contains("already given by service ID k1-dup") && line.contains("10.10.0.1:7860"),
+        "the warning names both service IDs and the address: {line}"
     );
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
-use reqwest::header::HeaderValue;
+use http::HeaderValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
@@ -164,7 +164,7 @@ impl ProbeTarget {
     pub(crate) fn new(address: &Address, cfg: &HealthConfig) -> Result<Self, ProbeOutcome> {
         let slash = if cfg.path.starts_with('/') { "" } else { "/" };
         let url = format!("http://{address}{slash}{}", cfg.path);
-        let url = reqwest::Url::parse(&url)
+        let url = url::Url::parse(&url)
             .map_err(|e| ProbeOutcome::Error(format!("invalid probe URL `{url}`: {e}")))?;
         let host_name = url.host_str().unwrap_or_default().to_owned();
         let port = url.port_or_known_default().unwrap_or(80);

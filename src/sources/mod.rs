@@ -5,6 +5,7 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod retry;
 pub mod static_list;
 
 use std::future::Future;

@@ -134,7 +134,7 @@ async fn acl_and_count(State(s): State<Arc<Shared>>, req: Request, next: Next) -
 
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     let url = format!("http://standin/?{}", query.unwrap_or_default());
-    reqwest::Url::parse(&url)
+    url::Url::parse(&url)
         .map(|u| {
             u.query_pairs()
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))

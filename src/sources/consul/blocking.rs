@@ -1,4 +1,5 @@
-//! The arithmetic of a blocking-query loop: index bookkeeping, rate limit, backoff, timeouts.
+//! The arithmetic of a blocking-query loop: index bookkeeping, rate limit, timeouts (the
+//! backoff is [`crate::sources::retry`]'s).
 //!
 //! Pure: time comes in as arguments, randomness as a number in `[0, 1)`.
 
@@ -7,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::model::Endpoint;
+use crate::sources::retry::backoff;
 
 /// Consul caps `wait` at 10 minutes.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -14,10 +16,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 pub const MIN_WAIT: Duration = Duration::from_millis(100);
 /// Slack past `wait + wait/16` before a silent request is abandoned.
 pub const TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
-/// The first retry delay after a failure.
-pub const BACKOFF_FIRST: Duration = Duration::from_millis(200);
-/// The largest retry delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(3);
 /// Requests never start closer together than this.
 pub const MIN_GAP: Duration = Duration::from_millis(100);
 /// Requests allowed back to back before the rate limit bites.
@@ -50,17 +48,6 @@ pub fn wait_param(wait: Duration) -> String {
     } else {
         format!("{}ms", wait.as_millis().max(1))
     }
-}
-
-/// The delay before retry number `failures` (1 for the first): doubling from
-/// [`BACKOFF_FIRST`] up to [`BACKOFF_CAP`], less up to a quarter of random jitter so that
-/// several daemons do not retry in step. Never zero, so a failing Consul is never hammered.
-pub fn backoff(failures: u32, jitter: f64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let full = BACKOFF_FIRST
-        .saturating_mul(1 << doublings)
-        .min(BACKOFF_CAP);
-    full.mul_f64(1.0 - 0.25 * jitter.clamp(0.0, 1.0))
 }
 
 /// A token bucket with a minimum gap: quick successive answers (a change right after a
@@ -171,16 +158,15 @@ impl Progress {
     /// Records a failed request. Returns whether this failure starts an outage (report it
     /// once) and the delay before the retry.
     pub fn on_failure(&mut self, jitter: f64) -> (bool, Duration) {
+        let attempt = self.failures;
         self.failures = self.failures.saturating_add(1);
         let starts_outage = !std::mem::replace(&mut self.in_outage, true);
-        (starts_outage, backoff(self.failures, jitter))
+        (starts_outage, backoff(attempt, jitter))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
     use super::*;
     use crate::model::Endpoint;
 
@@ -201,23 +187,6 @@ mod tests {
         assert_eq!(next_index(0, 0), 1);
         assert_eq!(next_index(1, 0), 0, "backwards first: restart");
         assert_eq!(next_index(0, 0), 1, "then clamp");
-    }
-
-    #[test]
-    fn backoff_doubles_from_200ms_up_to_the_3s_cap() {
-        let no_jitter: Vec<u128> = (1..=7).map(|n| backoff(n, 0.0).as_millis()).collect();
-        assert_eq!(no_jitter, [200, 400, 800, 1600, 3000, 3000, 3000]);
-        assert_eq!(backoff(u32::MAX, 0.0), BACKOFF_CAP);
-        assert_eq!(backoff(1, 1.0).as_millis(), 150);
-    }
-
-    proptest! {
-        #[test]
-        fn backoff_stays_within_bounds_and_never_shrinks_with_more_failures(n in 1u32..100, j in 0.0f64..1.0) {
-            let d = backoff(n, j);
-            prop_assert!(d >= BACKOFF_FIRST.mul_f64(0.75) && d <= BACKOFF_CAP);
-            prop_assert!(backoff(n + 1, 0.0) >= backoff(n, 0.0));
-        }
     }
 
     #[test]

@@ -8,48 +8,32 @@
 //! churning index from becoming a busy loop. Every request and every sleep races the
 //! shutdown token. The same skipped instance is warned about once, not on every answer.
 //!
-//! # consulrs
+//! # The HTTP side
 //!
-//! The HTTP side is consulrs 0.1.0: [`ConsulClient`] holds the address, the ACL token (sent
-//! as `X-Consul-Token` by its middleware) and the CA file (`ca_certs`, a PEM bundle added to
-//! the roots of its rustls client); `exec_with_result` returns `X-Consul-Index` with the
-//! body. The request type is ours (`api::HealthServiceRequest`). Where consulrs falls
-//! short, and what is done instead:
-//!
-//! - No per-request timeout: the call is wrapped in `tokio::time::timeout` of
-//!   `wait + wait/16 + 2s`; dropping the future abandons the connection.
-//! - Its settings builder fills unset fields from `CONSUL_*` environment variables, so the
-//!   settings are built as a struct literal: only our config reaches the client (the config
-//!   loader applies `CONSUL_HTTP_ADDR`/`CONSUL_HTTP_TOKEN` itself).
-//! - It panics on a token that is not a valid header value, and on a base URL that cannot
-//!   carry a path: both are validated in [`ConsulWatch::new`].
-//! - It logs every request at `info` (including the full URL) and every failure at `error`
-//!   through `#[instrument(err)]`. Its calls run with tracing switched off; this module logs
-//!   one line per outage and per recovery instead. Nothing here prints the client or its
-//!   settings, which hold the token.
-//! - No client certificates from our config (consulrs supports them, the config has no keys
-//!   for them yet).
+//! [`client::Client`] is our own thin client on reqwest 0.12 (rustls): one `GET`, the token
+//! as `X-Consul-Token`, the CA file, no redirects, a bounded body. Each request is wrapped in
+//! `tokio::time::timeout` of `wait + wait/16 + 2s`; dropping the future abandons the
+//! connection. Only our config reaches the client: no `CONSUL_*` variable is read here (the
+//! config loader applies `CONSUL_HTTP_ADDR`/`CONSUL_HTTP_TOKEN` itself). Client certificates
+//! (mTLS to Consul) have no config keys yet.
 
 mod api;
 mod blocking;
+mod client;
 mod parse;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
-use consulrs::api::exec_with_result;
-use consulrs::client::{ConsulClient, ConsulClientSettings};
-use consulrs::error::ClientError;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::instrument::WithSubscriber;
-use tracing::subscriber::NoSubscriber;
 
-use api::{HealthServiceRequest, ServiceEntry};
+use api::ServiceEntry;
 use blocking::{request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
-use parse::{parse_entries, Skipped};
+use client::{Client, HealthQuery};
+use parse::{parse_entries, Duplicate, Parsed, Skipped};
 
 use super::{until_shutdown, Sink, Source};
 use crate::config::ConsulSource;
@@ -74,7 +58,8 @@ pub enum ConsulError {
     /// `wait` is outside what a blocking query can use.
     #[error("consul wait {} must be from 100ms to 10m", humantime::format_duration(*.0))]
     BadWait(Duration),
-    /// consulrs could not build its HTTP client (for instance an unreadable `ca_file`).
+    /// The HTTP client could not be set up: an unreadable `ca_file`, or one without
+    /// certificates.
     #[error("failed to set up the consul client: {0}")]
     Client(String),
     /// A request failed: connection, HTTP status, body.
@@ -91,7 +76,7 @@ pub enum ConsulError {
 /// A Consul service followed with blocking queries. Built from a [`ConsulSource`] by
 /// [`ConsulWatch::new`]; run through [`Source::run`].
 pub struct ConsulWatch {
-    client: ConsulClient,
+    client: Client,
     url: String,
     service: String,
     datacenter: Option<String>,
@@ -112,45 +97,18 @@ impl fmt::Debug for ConsulWatch {
 }
 
 impl ConsulWatch {
-    /// Validates the config and builds the consulrs client (reading `ca_file` now).
+    /// Validates the config and builds the HTTP client (reading `ca_file` now).
     pub fn new(cfg: &ConsulSource) -> Result<Self, ConsulError> {
-        let url = check_url(&cfg.url)?;
+        let client = Client::new(&cfg.url, cfg.token.as_ref(), cfg.ca_file.as_deref())?;
         if cfg.service.is_empty() || cfg.service.contains(['/', '?', '#']) {
             return Err(ConsulError::BadService(cfg.service.clone()));
         }
         if !(MIN_WAIT..=MAX_WAIT).contains(&cfg.wait) {
             return Err(ConsulError::BadWait(cfg.wait));
         }
-        let token = match &cfg.token {
-            Some(secret) if !secret.0.bytes().all(|b| b.is_ascii_graphic()) => {
-                return Err(ConsulError::BadToken)
-            }
-            Some(secret) => Some(secret.0.clone()),
-            None => None,
-        };
-        if let Some(path) = &cfg.ca_file {
-            check_ca_file(path)?;
-        }
-        let settings = ConsulClientSettings {
-            address: url.clone(),
-            ca_certs: cfg
-                .ca_file
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect(),
-            client_cert: None,
-            client_key: None,
-            token,
-            verify: true,
-            version: 1,
-        };
-        let client = tracing::subscriber::with_default(NoSubscriber::default(), || {
-            ConsulClient::new(settings)
-        })
-        .map_err(|e| ConsulError::Client(error_chain(&e)))?;
         Ok(Self {
+            url: client.base().to_owned(),
             client,
-            url,
             service: cfg.service.clone(),
             datacenter: cfg.datacenter.clone(),
             tags: cfg.tags.clone(),
@@ -158,131 +116,40 @@ impl ConsulWatch {
         })
     }
 
-    /// One blocking round: the answer's index and entries.
+    /// One blocking round, abandoned past [`request_timeout`]: the answer's index and entries.
     async fn ask(&self, index: u64) -> Result<(u64, Vec<ServiceEntry>), ConsulError> {
-        let wait = blocking::wait_param(self.wait);
-        let req = HealthServiceRequest::new(
-            &self.service,
-            self.datacenter.as_deref(),
-            &self.tags,
+        let query = HealthQuery {
+            service: &self.service,
+            datacenter: self.datacenter.as_deref(),
+            tags: &self.tags,
             index,
-            &wait,
-        );
+            wait: self.wait,
+        };
         let limit = request_timeout(self.wait);
-        // consulrs and rustify log each request at info and each failure at error; this
-        // module reports outages itself, once.
-        let call = exec_with_result(&self.client, req).with_subscriber(NoSubscriber::default());
-        let answer = tokio::time::timeout(limit, call)
+        tokio::time::timeout(limit, self.client.health_service(&query))
             .await
             .map_err(|_| ConsulError::Timeout(limit))?
-            .map_err(|e| ConsulError::Request(describe(&e)))?;
-        let returned = answer
-            .index
-            .as_deref()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or(ConsulError::NoIndex(answer.index.clone()))?;
-        Ok((returned, answer.response))
     }
 }
 
 /// Parses one `/v1/health/service` answer body the way the source does: the JSON array
 /// decoded leniently, then every instance validated. Returns the valid endpoints and how many
-/// instances were skipped. The source itself gets the decoded body from consulrs; this entry
-/// point exists so property tests and fuzz targets reach the same parser from raw bytes.
+/// instances were skipped. For property tests and fuzz targets, which start from raw bytes.
 pub fn parse_answer(
     body: &[u8],
     tags: &[String],
 ) -> Result<(Vec<crate::model::Endpoint>, usize), serde_json::Error> {
     let entries: Vec<ServiceEntry> = serde_json::from_slice(body)?;
     let parsed = parse_entries(&entries, tags);
-    Ok((parsed.endpoints, parsed.skipped.len()))
-}
-
-fn check_url(raw: &str) -> Result<String, ConsulError> {
-    let bad = |reason| ConsulError::BadUrl {
-        url: raw.to_owned(),
-        reason,
-    };
-    // `CONSUL_HTTP_ADDR` is often a bare `host:port`; Consul's own clients read it as http.
-    let full = if raw.contains("://") {
-        raw.to_owned()
-    } else {
-        format!("http://{raw}")
-    };
-    let url = reqwest::Url::parse(&full).map_err(|_| bad("is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad("must start with http:// or https://"));
-    }
-    if url.host_str().is_none() || url.cannot_be_a_base() {
-        return Err(bad("has no host"));
-    }
-    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err(bad(
-            "must not have a path, query or fragment (consulrs adds /v1/...)",
-        ));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(bad("must not carry credentials; use the token"));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_owned())
-}
-
-/// consulrs reads `ca_file` itself, but a file without any certificate would pass silently
-/// and fail every TLS handshake later: refuse it now.
-fn check_ca_file(path: &std::path::Path) -> Result<(), ConsulError> {
-    let text = std::fs::read(path).map_err(|e| {
-        ConsulError::Client(format!("failed to read ca_file `{}`: {e}", path.display()))
-    })?;
-    if !text
-        .windows(27)
-        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-    {
-        return Err(ConsulError::Client(format!(
-            "ca_file `{}` holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-/// consulrs errors as one line: the API status and body, or the transport error chain.
-fn describe(e: &ClientError) -> String {
-    match e {
-        ClientError::APIError { code, message } => {
-            let body = message
-                .as_deref()
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .unwrap_or("no body");
-            format!("HTTP {code}: {}", truncate(body, 200))
-        }
-        other => error_chain(other),
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.dedup();
-    parts.join(": ")
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
+    let left_out = parsed.left_out();
+    Ok((parsed.endpoints, left_out))
 }
 
 impl Source for ConsulWatch {
     async fn run(self, sink: Sink, shutdown: CancellationToken) {
         let mut progress = Progress::default();
         let mut limit = RateLimit::new(Instant::now());
-        let mut warned: BTreeSet<Skipped> = BTreeSet::new();
+        let mut warned = Warned::default();
         loop {
             let pause = limit.delay(Instant::now());
             if !pause.is_zero() && !sleep_or_shutdown(pause, &shutdown).await {
@@ -298,15 +165,9 @@ impl Source for ConsulWatch {
             match answer {
                 Ok((returned, entries)) => {
                     let parsed = parse_entries(&entries, &self.tags);
-                    let skipped: BTreeSet<Skipped> = parsed.skipped.iter().cloned().collect();
-                    for s in skipped.difference(&warned) {
-                        tracing::warn!(
-                            service = %self.service, service_id = %s.service_id, node = %s.node,
-                            "Skipped Consul service ID {} on node {}: {}.", s.service_id, s.node, s.reason
-                        );
-                    }
-                    warned = skipped;
-                    let out = progress.on_answer(returned, parsed.endpoints, parsed.skipped.len());
+                    warned.warn_new(&self.service, &parsed);
+                    let left_out = parsed.left_out();
+                    let out = progress.on_answer(returned, parsed.endpoints, left_out);
                     if let Some((from, to)) = out.index_went_back {
                         tracing::info!(service = %self.service, from, to, "Consul index went backwards; restarting the blocking query from 0.");
                     }
@@ -337,6 +198,52 @@ impl Source for ConsulWatch {
             }
         }
     }
+}
+
+/// What has been warned about: the same skipped or duplicate instance is warned about once,
+/// again only after it went away and came back.
+#[derive(Debug, Default)]
+struct Warned {
+    skipped: BTreeSet<Skipped>,
+    duplicates: BTreeSet<Duplicate>,
+}
+
+impl Warned {
+    /// Warns about what in `parsed` was left out and not warned about in the last answer.
+    fn warn_new(&mut self, service: &str, parsed: &Parsed) {
+        let skipped: BTreeSet<Skipped> = parsed.skipped.iter().cloned().collect();
+        for s in skipped.difference(&self.skipped) {
+            let (id, node) = (shown(&s.service_id), shown(&s.node));
+            tracing::warn!(
+                %service, service_id = %id, %node,
+                "Skipped Consul service ID {id} on node {node}: {}.", s.reason
+            );
+        }
+        self.skipped = skipped;
+        let duplicates: BTreeSet<Duplicate> = parsed.duplicates.iter().cloned().collect();
+        for d in duplicates.difference(&self.duplicates) {
+            let (id, node) = (shown(&d.dropped.0), shown(&d.dropped.1));
+            let (kept_id, kept_node) = (shown(&d.kept.0), shown(&d.kept.1));
+            let attrs = if d.attrs_differ {
+                "its different Meta attributes are not used"
+            } else {
+                "their Meta attributes are the same"
+            };
+            tracing::warn!(
+                %service, service_id = %id, %node, kept_service_id = %kept_id, kept_node = %kept_node,
+                address = %d.address,
+                "Skipped Consul service ID {id} on node {node}: its address {} is already given by service ID {kept_id} on node {kept_node}, which wins (a passing instance, then the lowest service ID); {attrs}.",
+                d.address
+            );
+        }
+        self.duplicates = duplicates;
+    }
+}
+
+/// A registry-provided name for a text log line: control characters and quotes escaped, so
+/// that a service ID cannot forge a line.
+fn shown(s: &str) -> String {
+    s.escape_debug().to_string()
 }
 
 /// Sleeps for `d`; false when shutdown came first.
@@ -381,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_what_would_make_consulrs_panic_or_misroute() {
+    fn rejects_tokens_urls_services_and_waits_that_cannot_be_sent() {
         let mut c = cfg();
         c.token = Some(Secret("bad token\n".into()));
         assert!(matches!(ConsulWatch::new(&c), Err(ConsulError::BadToken)));
@@ -520,15 +427,6 @@ mod tests {
         assert!(!task.is_finished());
         shutdown.cancel();
         task.await.unwrap();
-    }
-
-    #[test]
-    fn api_errors_show_status_and_body() {
-        let e = ClientError::APIError {
-            code: 403,
-            message: Some("ACL not found\n".into()),
-        };
-        assert_eq!(describe(&e), "HTTP 403: ACL not found");
     }
 
     /// A self-signed CA certificate (openssl, P-256), only parsed here.

@@ -21,6 +21,20 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// One registration on an address that another registration also gives: it is not
+/// rendered, and its attributes are not used.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duplicate {
+    /// The address both give.
+    pub address: String,
+    /// The instance left out: `Service.ID` and `Node.Node`.
+    pub dropped: (String, String),
+    /// The instance rendered, whose attributes and checks stand.
+    pub kept: (String, String),
+    /// Whether the two instances' server attributes (from `Meta`) differ.
+    pub attrs_differ: bool,
+}
+
 /// The endpoints of one answer and the instances that were left out.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Parsed {
@@ -28,32 +42,39 @@ pub struct Parsed {
     pub endpoints: Vec<Endpoint>,
     /// Invalid instances, sorted by service ID and node.
     pub skipped: Vec<Skipped>,
+    /// Valid instances on an address another instance won, sorted.
+    pub duplicates: Vec<Duplicate>,
+}
+
+impl Parsed {
+    /// How many instances did not become an endpoint: the invalid and the duplicates.
+    pub fn left_out(&self) -> usize {
+        self.skipped.len() + self.duplicates.len()
+    }
 }
 
 /// Turns one answer into endpoints.
 ///
 /// Instances missing any of `tags` are left out silently (Consul filters on `tag=` already;
 /// this guards against an agent that ignored it). When several instances share an address
-/// one is kept: a passing one if there is any, else the first by node and service ID.
+/// one is rendered, with its own attributes: a passing one if there is any, and among those
+/// (or among the critical ones, when none passes) the lowest service ID, then node name.
+/// The others are listed in [`Parsed::duplicates`].
 pub fn parse_entries(entries: &[ServiceEntry], tags: &[String]) -> Parsed {
     let mut ordered: Vec<&ServiceEntry> = entries
         .iter()
         .filter(|e| tags.iter().all(|t| e.service.tags.contains(t)))
         .collect();
-    ordered.sort_by(|a, b| (&a.node.name, &a.service.id).cmp(&(&b.node.name, &b.service.id)));
+    ordered.sort_by(|a, b| (&a.service.id, &a.node.name).cmp(&(&b.service.id, &b.node.name)));
 
-    let mut by_address: BTreeMap<Address, Endpoint> = BTreeMap::new();
+    let mut by_address: BTreeMap<Address, Vec<(&ServiceEntry, Endpoint)>> = BTreeMap::new();
     let mut skipped = Vec::new();
     for entry in ordered {
         match endpoint(entry) {
-            Ok(ep) => match by_address.get(&ep.address) {
-                Some(kept)
-                    if !(kept.registry != RegistryState::Passing
-                        && ep.registry == RegistryState::Passing) => {}
-                _ => {
-                    by_address.insert(ep.address.clone(), ep);
-                }
-            },
+            Ok(ep) => by_address
+                .entry(ep.address.clone())
+                .or_default()
+                .push((entry, ep)),
             Err(reason) => skipped.push(Skipped {
                 service_id: entry.service.id.clone(),
                 node: entry.node.name.clone(),
@@ -62,9 +83,31 @@ pub fn parse_entries(entries: &[ServiceEntry], tags: &[String]) -> Parsed {
         }
     }
     skipped.sort();
+    let mut endpoints = Vec::with_capacity(by_address.len());
+    let mut duplicates = Vec::new();
+    for (address, mut same) in by_address {
+        // Stable: the passing ones first, each group still in service ID order.
+        same.sort_by_key(|(_, ep)| ep.registry != RegistryState::Passing);
+        let mut same = same.into_iter();
+        let Some((kept_entry, kept)) = same.next() else {
+            continue;
+        };
+        let id = |e: &ServiceEntry| (e.service.id.clone(), e.node.name.clone());
+        for (entry, ep) in same {
+            duplicates.push(Duplicate {
+                address: address.to_string(),
+                dropped: id(entry),
+                kept: id(kept_entry),
+                attrs_differ: ep.attrs != kept.attrs,
+            });
+        }
+        endpoints.push(kept);
+    }
+    duplicates.sort();
     Parsed {
-        endpoints: by_address.into_values().collect(),
+        endpoints,
         skipped,
+        duplicates,
     }
 }
 
@@ -302,23 +345,90 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_addresses_keep_one_preferring_passing() {
+    fn duplicate_addresses_keep_a_passing_one_then_the_lowest_service_id() {
         let crit = vec![check("service:x", "critical", "down")];
         let entries = [
-            entry("a", "n1", "10.0.0.1", 80, json!({}), crit.clone()),
-            entry("b", "n2", "10.0.0.1", 80, json!({}), vec![serf()]),
-            entry("c", "n3", "10.0.0.1", 80, json!({}), vec![serf()]),
+            entry(
+                "a",
+                "n1",
+                "10.0.0.1",
+                80,
+                json!({"weight": "5"}),
+                crit.clone(),
+            ),
+            entry(
+                "c",
+                "n2",
+                "10.0.0.1",
+                80,
+                json!({"weight": "3"}),
+                vec![serf()],
+            ),
+            entry(
+                "b",
+                "n3",
+                "10.0.0.1",
+                80,
+                json!({"weight": "2"}),
+                vec![serf()],
+            ),
         ];
         let p = parse_entries(&entries, &[]);
         assert_eq!(p.endpoints.len(), 1);
-        assert_eq!(p.endpoints[0].origin, "consul service ID b on node n2");
-        let both_critical = [
-            entries[0].clone(),
-            entry("z", "n0", "10.0.0.1", 80, json!({}), crit),
-        ];
+        assert_eq!(p.endpoints[0].origin, "consul service ID b on node n3");
+        assert_eq!(p.endpoints[0].attrs.weight, Some(2), "b's own Meta");
+        let pair = |d: &Duplicate| (d.dropped.0.clone(), d.kept.0.clone(), d.attrs_differ);
         assert_eq!(
-            parse_entries(&both_critical, &[]).endpoints[0].origin,
-            "consul service ID z on node n0"
+            p.duplicates.iter().map(pair).collect::<Vec<_>>(),
+            [
+                ("a".into(), "b".into(), true),
+                ("c".into(), "b".into(), true)
+            ]
         );
+        assert_eq!(p.duplicates[0].address, "10.0.0.1:80");
+        assert_eq!((p.skipped.len(), p.left_out()), (0, 2));
+
+        let both_critical = [
+            entry("z", "n0", "10.0.0.1", 80, json!({}), crit.clone()),
+            entry("a", "n9", "10.0.0.1", 80, json!({}), crit),
+        ];
+        let p = parse_entries(&both_critical, &[]);
+        assert_eq!(p.endpoints[0].origin, "consul service ID a on node n9");
+        assert!(!p.duplicates[0].attrs_differ);
+    }
+
+    #[test]
+    fn the_winner_does_not_depend_on_the_answer_order() {
+        let entries = vec![
+            entry(
+                "k2",
+                "n1",
+                "10.0.0.1",
+                80,
+                json!({"weight": "2"}),
+                vec![serf()],
+            ),
+            entry(
+                "k1",
+                "n2",
+                "10.0.0.1",
+                80,
+                json!({"weight": "1"}),
+                vec![serf()],
+            ),
+            entry(
+                "k1",
+                "n1",
+                "10.0.0.1",
+                80,
+                json!({"weight": "9"}),
+                vec![serf()],
+            ),
+        ];
+        let mut reversed = entries.clone();
+        reversed.reverse();
+        let (a, b) = (parse_entries(&entries, &[]), parse_entries(&reversed, &[]));
+        assert_eq!(a, b);
+        assert_eq!(a.endpoints[0].origin, "consul service ID k1 on node n1");
     }
 }

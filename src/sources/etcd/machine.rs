@@ -14,7 +14,6 @@
 //! last good membership stands while etcd is away; a reconnect always lists again.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::entry::{parse_entry, EntryError};
 use crate::model::{Address, Endpoint};
@@ -31,7 +30,7 @@ pub enum Phase {
         /// The first revision the watch asks for.
         start_revision: i64,
     },
-    /// Wait [`backoff_delay`]`(attempt)`, then connect again with a new client.
+    /// Wait [`crate::sources::retry::delay`]`(attempt)`, then connect again with a new client.
     Backoff {
         /// Failures in a row before this wait, from 0.
         attempt: u32,
@@ -287,25 +286,9 @@ pub fn display_key(key: &[u8]) -> String {
     String::from_utf8_lossy(key).escape_debug().to_string()
 }
 
-/// The first retry delay's upper bound.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
-/// The largest retry delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(3);
-
-/// The wait before connect attempt `attempt + 1`: `200 ms · 2^attempt`, capped at 3 s, of
-/// which the upper half is scaled by `jitter` (0–1), so retries from many daemons spread out.
-pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
-    let ceiling = BACKOFF_BASE
-        .checked_mul(1u32.checked_shl(attempt).unwrap_or(u32::MAX))
-        .unwrap_or(BACKOFF_CAP)
-        .min(BACKOFF_CAP);
-    ceiling / 2 + (ceiling / 2).mul_f64(jitter.clamp(0.0, 1.0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     const P: &str = "/svc/k/";
 
@@ -595,26 +578,5 @@ mod tests {
         );
         assert_eq!(m.step(Input::BackoffElapsed), Step::default());
         assert_eq!(m.phase(), Phase::Connect);
-    }
-
-    #[test]
-    fn backoff_starts_near_200ms_and_doubles_to_3s() {
-        assert_eq!(backoff_delay(0, 1.0), Duration::from_millis(200));
-        assert_eq!(backoff_delay(0, 0.0), Duration::from_millis(100));
-        assert_eq!(backoff_delay(1, 1.0), Duration::from_millis(400));
-        assert_eq!(backoff_delay(3, 1.0), Duration::from_millis(1600));
-        assert_eq!(backoff_delay(4, 1.0), Duration::from_secs(3));
-        assert_eq!(backoff_delay(u32::MAX, 1.0), Duration::from_secs(3));
-    }
-
-    proptest! {
-        #[test]
-        fn backoff_stays_between_half_and_all_of_its_capped_ceiling(attempt in 0u32..200, jitter in 0.0f64..=1.0) {
-            let d = backoff_delay(attempt, jitter);
-            let ceiling = backoff_delay(attempt, 1.0);
-            prop_assert!(d <= ceiling && d >= ceiling / 2);
-            prop_assert!(ceiling <= BACKOFF_CAP && ceiling >= BACKOFF_BASE);
-            prop_assert!(backoff_delay(attempt + 1, 1.0) >= ceiling);
-        }
     }
 }

@@ -28,12 +28,12 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
     WatchResponse, WatchStream,
 };
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 pub use entry::{parse_entry, EntryError};
-use machine::{backoff_delay, Change, Input, Machine, Phase, Step, WatchMsg};
+use machine::{Change, Input, Machine, Phase, Step, WatchMsg};
 
+use super::retry::{self, error_chain};
 use super::{until_shutdown, Sink, Source};
 use crate::config::EtcdSource;
 
@@ -291,8 +291,7 @@ impl EtcdWatch {
             Phase::Backoff { attempt } => {
                 *watch = None;
                 *conn = None;
-                let delay = backoff_delay(attempt, rand::thread_rng().gen::<f64>());
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(retry::delay(attempt)).await;
                 Ok(Input::BackoffElapsed)
             }
         };
@@ -466,17 +465,6 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
         });
     }
     Ok(bytes)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.dedup();
-    parts.join(": ")
 }
 
 #[cfg(test)]
