@@ -131,9 +131,26 @@ fn apply_line(a: &ApplyState) -> String {
     let (class, what) = match a.state {
         "in_sync" => ("muted", "nginx runs the desired file".to_owned()),
         "pending" if a.urgent => ("muted", format!("A removal is being applied{next}")),
-        "pending" => ("muted", format!("A change is waiting for settle / min_reload_interval{next}")),
-        "render_failed" => ("bad", format!("The template fails; the last good file stays: {}", a.render_error.as_deref().unwrap_or_default())),
-        _ => ("bad", format!("Applying failed {} time(s) in a row; the file on disk is the {} one{next}: {}", a.consecutive_failures, a.on_disk, a.last_error.as_deref().unwrap_or_default())),
+        "pending" => (
+            "muted",
+            format!("A change is waiting for settle / min_reload_interval{next}"),
+        ),
+        "render_failed" => (
+            "bad",
+            format!(
+                "The template fails; the last good file stays: {}",
+                a.render_error.as_deref().unwrap_or_default()
+            ),
+        ),
+        _ => (
+            "bad",
+            format!(
+                "Applying failed {} time(s) in a row; the file on disk is the {} one{next}: {}",
+                a.consecutive_failures,
+                a.on_disk,
+                a.last_error.as_deref().unwrap_or_default()
+            ),
+        ),
     };
     format!("<p class=\"{class}\" id=\"apply\">{}</p>", esc(&what))
 }

@@ -180,9 +180,11 @@ impl<N: Nginx> Controller<N> {
         let result =
             nginx::apply_with(&self.cfg.nginx.output, text.as_bytes(), &self.nginx, reach).await;
         let took = t0.elapsed();
-        let retry_in = self
-            .schedule
-            .on_attempt(now, result.is_ok(), rand::random::<f64>());
+        // Backoff and min_reload_interval count from the end of the attempt: a reload that
+        // waited out confirm_timeout must not be retried the moment it returns.
+        let retry_in =
+            self.schedule
+                .on_attempt(Instant::now(), result.is_ok(), rand::random::<f64>());
         self.last_apply = Some(LastApply {
             result: match &result {
                 Ok(Applied::Unchanged) => "unchanged".into(),
@@ -200,8 +202,11 @@ impl<N: Nginx> Controller<N> {
                 if let Applied::Reloaded { .. } = applied {
                     self.metrics
                         .inc("upstreamd_reloads_total", &[("result", "ok")]);
-                    self.metrics
-                        .observe("upstreamd_reload_duration_seconds", &[], took.as_secs_f64());
+                    self.metrics.observe(
+                        "upstreamd_reload_duration_seconds",
+                        &[],
+                        took.as_secs_f64(),
+                    );
                     let unix = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .unwrap_or_default();

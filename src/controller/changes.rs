@@ -256,7 +256,10 @@ mod tests {
     #[test]
     fn removals_and_new_downs_are_urgent() {
         let before = parsed(&["10.0.0.2:80", "10.0.0.3:80"]);
-        assert!(is_urgent(&before, &parsed(&["10.0.0.2:80 down", "10.0.0.3:80"])));
+        assert!(is_urgent(
+            &before,
+            &parsed(&["10.0.0.2:80 down", "10.0.0.3:80"])
+        ));
         assert!(is_urgent(&before, &parsed(&["10.0.0.3:80"])));
         assert!(is_urgent(&before, &parsed(&["10.0.0.2:80 down"])));
     }

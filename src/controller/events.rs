@@ -220,5 +220,4 @@ impl<N: Nginx> Controller<N> {
             }
         }
     }
-
 }

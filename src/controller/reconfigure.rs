@@ -4,9 +4,9 @@
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::changes::parse_servers;
 use super::saved::{self, Saver};
 use super::state::{SavedSnapshot, UpstreamState};
-use super::changes::parse_servers;
 use super::Controller;
 use crate::config::{Config, NginxConfig, UpstreamConfig};
 use crate::nginx::Nginx;

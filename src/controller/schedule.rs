@@ -130,7 +130,11 @@ impl Schedule {
     /// When the pending change is due, if one is pending.
     pub fn due(&self) -> Option<Instant> {
         let p = self.pending?;
-        let mut at = if p.urgent { p.since } else { p.since + self.settle };
+        let mut at = if p.urgent {
+            p.since
+        } else {
+            p.since + self.settle
+        };
         if let Some(last) = self.last_attempt {
             at = at.max(last + self.min_interval);
         }
@@ -160,7 +164,11 @@ mod tests {
         assert_eq!(s.due(), None);
         s.on_render(t0, true, false, false);
         s.on_render(t0 + ms(100), true, false, false);
-        assert_eq!(s.due(), Some(t0 + SETTLE), "settle counts from the first change");
+        assert_eq!(
+            s.due(),
+            Some(t0 + SETTLE),
+            "settle counts from the first change"
+        );
     }
 
     #[test]
@@ -208,7 +216,11 @@ mod tests {
         s.on_render(t0, true, false, false);
         s.on_attempt(t0, false, 0.0);
         s.on_render(t0 + ms(10), true, false, false);
-        assert_eq!(s.due(), Some(t0), "not held back by the backoff of another text");
+        assert_eq!(
+            s.due(),
+            Some(t0),
+            "not held back by the backoff of another text"
+        );
         s.on_render(t0 + ms(20), true, false, true);
         assert_eq!(s.due(), Some(t0 + RETRY_FIRST));
     }

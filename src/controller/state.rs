@@ -865,7 +865,10 @@ mod tests {
         let mut s = guarded(0.5, Duration::from_secs(30));
         s.on_disk = FOUR.iter().map(|a| a.parse().unwrap()).collect();
         s.on_source(1, snap(&[]), t0);
-        assert_eq!(s.on_source(0, snap(&FOUR[..2]), t0).shrink, ShrinkEvent::None);
+        assert_eq!(
+            s.on_source(0, snap(&FOUR[..2]), t0).shrink,
+            ShrinkEvent::None
+        );
         assert!(s.sources_ready());
     }
 

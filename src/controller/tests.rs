@@ -25,6 +25,8 @@ use crate::render::Renderer;
 struct FakeNginx {
     calls: Arc<Mutex<Vec<(&'static str, Instant)>>>,
     failing_tests: Arc<AtomicUsize>,
+    /// Reloads that wait out a 5 s confirm_timeout and fail, as a stopped master makes them.
+    unconfirmed_reloads: Arc<AtomicUsize>,
 }
 
 impl FakeNginx {
@@ -54,6 +56,16 @@ impl Nginx for FakeNginx {
 
     async fn reload(&self) -> Result<ReloadProof, NginxError> {
         self.calls.lock().unwrap().push(("reload", Instant::now()));
+        let failing = self.unconfirmed_reloads.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.unconfirmed_reloads
+                .store(failing - 1, Ordering::SeqCst);
+            tokio::time::sleep(CONFIRM_TIMEOUT).await;
+            return Err(NginxError::Unconfirmed {
+                master: Pid::from_raw(1),
+                waited: CONFIRM_TIMEOUT,
+            });
+        }
         Ok(ReloadProof {
             master: Pid::from_raw(1),
             old_workers: [2].into(),
@@ -61,6 +73,8 @@ impl Nginx for FakeNginx {
         })
     }
 }
+
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn config(dir: &Path, servers: &[&str], extra: &str) -> Config {
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
@@ -135,7 +149,10 @@ impl Loop {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("{call} was called {} times, not {n}", self.nginx.times(call).len());
+        panic!(
+            "{call} was called {} times, not {n}",
+            self.nginx.times(call).len()
+        );
     }
 
     fn file(&self) -> String {
@@ -161,7 +178,10 @@ async fn an_addition_waits_for_settle_and_a_removal_does_not() {
         .set_servers(&["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"])
         .await;
     let at = l.wait_calls("reload", 2).await[1];
-    assert!(at >= added + Duration::from_secs(5), "an addition coalesces for settle");
+    assert!(
+        at >= added + Duration::from_secs(5),
+        "an addition coalesces for settle"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let removed = l.set_servers(&["127.0.0.2:80", "127.0.0.4:80"]).await;
@@ -188,8 +208,14 @@ async fn two_removals_100ms_apart_cost_two_reloads_spaced_by_min_reload_interval
     tokio::time::sleep(Duration::from_millis(100)).await;
     l.set_servers(&["127.0.0.2:80"]).await;
     let times = l.wait_calls("reload", 3).await;
-    assert!(times[1] < first + Duration::from_secs(1), "the first at once");
-    assert!(times[2] >= times[1] + Duration::from_secs(2), "the second after min_reload_interval");
+    assert!(
+        times[1] < first + Duration::from_secs(1),
+        "the first at once"
+    );
+    assert!(
+        times[2] >= times[1] + Duration::from_secs(2),
+        "the second after min_reload_interval"
+    );
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(l.nginx.times("reload").len(), 3, "no more reloads");
     assert_eq!(
@@ -202,16 +228,28 @@ async fn two_removals_100ms_apart_cost_two_reloads_spaced_by_min_reload_interval
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
-    let l = Loop::start(&["127.0.0.2:80"], "settle = \"10ms\"\nmin_reload_interval = \"10ms\"", 3);
+    let l = Loop::start(
+        &["127.0.0.2:80"],
+        "settle = \"10ms\"\nmin_reload_interval = \"10ms\"",
+        3,
+    );
     let first = l.wait_calls("test", 1).await[0];
     tokio::time::sleep(Duration::from_millis(50)).await;
     let st = l.status().await;
     assert_eq!(st.apply.state, "retrying");
     assert_eq!(st.apply.consecutive_failures, 1);
     assert!(st.change_pending);
-    assert!(st.apply.last_error.as_deref().unwrap().contains("site config is broken"));
+    assert!(st
+        .apply
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("site config is broken"));
     assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 1.0);
-    assert_eq!(l.metrics.value("upstreamd_apply_failures_consecutive", &[]), 1.0);
+    assert_eq!(
+        l.metrics.value("upstreamd_apply_failures_consecutive", &[]),
+        1.0
+    );
 
     let tests = l.wait_calls("test", 4).await;
     let reload = l.wait_calls("reload", 1).await[0];
@@ -221,7 +259,8 @@ async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
         let ceiling = RETRY_FIRST * (1 << n);
         let gap = *t - previous;
         assert!(
-            gap >= ceiling.mul_f64(1.0 - RETRY_JITTER) && gap <= ceiling + Duration::from_millis(50),
+            gap >= ceiling.mul_f64(1.0 - RETRY_JITTER)
+                && gap <= ceiling + Duration::from_millis(50),
             "retry {n} came after {gap:?}, not about {ceiling:?}"
         );
         previous = *t;
@@ -230,13 +269,37 @@ async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
     assert_eq!((st.apply.state, st.apply.on_disk), ("in_sync", "desired"));
     assert!(!st.change_pending && st.ready);
     assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 0.0);
-    assert_eq!(l.metrics.value("upstreamd_apply_failures_consecutive", &[]), 0.0);
+    assert_eq!(
+        l.metrics.value("upstreamd_apply_failures_consecutive", &[]),
+        0.0
+    );
     assert!(l.file().contains("server 127.0.0.2:80;"));
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_counts_its_backoff_from_the_end_of_a_slow_failed_reload() {
+    let l = Loop::start(
+        &["127.0.0.2:80"],
+        "settle = \"10ms\"\nmin_reload_interval = \"10ms\"",
+        0,
+    );
+    l.nginx.unconfirmed_reloads.store(1, Ordering::SeqCst);
+    let times = l.wait_calls("reload", 2).await;
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= CONFIRM_TIMEOUT + RETRY_FIRST.mul_f64(1.0 - RETRY_JITTER),
+        "retried {gap:?} after the first reload began"
+    );
+    assert_eq!(l.status().await.apply.state, "in_sync");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_config_reload_retries_a_failed_apply_at_once() {
-    let l = Loop::start(&["127.0.0.2:80"], "settle = \"10ms\"\nmin_reload_interval = \"10ms\"", 100);
+    let l = Loop::start(
+        &["127.0.0.2:80"],
+        "settle = \"10ms\"\nmin_reload_interval = \"10ms\"",
+        100,
+    );
     l.wait_calls("test", 1).await;
     // Several backoffs in: the next retry is seconds away.
     let failed = l.wait_calls("test", 5).await[4];
@@ -270,9 +333,16 @@ async fn a_render_error_keeps_the_daemon_running_and_the_last_good_file() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let st = l.status().await;
     assert_eq!(st.apply.state, "render_failed");
-    assert!(st.apply.render_error.as_deref().unwrap().contains("nmae"), "{st:?}");
+    assert!(
+        st.apply.render_error.as_deref().unwrap().contains("nmae"),
+        "{st:?}"
+    );
     assert_eq!(l.file(), good);
-    assert_eq!(l.metrics.value("upstreamd_renders_total", &[("result", "error")]), 1.0);
+    assert_eq!(
+        l.metrics
+            .value("upstreamd_renders_total", &[("result", "error")]),
+        1.0
+    );
     assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 1.0);
 
     // The loop lives: the next change that renders is applied.

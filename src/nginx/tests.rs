@@ -131,7 +131,9 @@ async fn unconfirmed_bytes_already_on_disk_are_tested_and_reloaded_when_asked() 
     let (_dir, output) = setup(Some(NEW));
     let fake = Fake::new(&output);
 
-    let applied = apply_with(&output, NEW, &fake, Reach::Always).await.unwrap();
+    let applied = apply_with(&output, NEW, &fake, Reach::Always)
+        .await
+        .unwrap();
 
     assert!(matches!(applied, Applied::Reloaded { .. }));
     assert_eq!(fake.calls(), ["test", "reload"]);
