@@ -270,6 +270,12 @@ fn replicas_failing_100ms_apart_cost_at_most_two_reloads_and_skip_settle() {
         "{n} reloads: the first file and at most two for the burst"
     );
     assert_quiet(&nginx, &mut daemon, Duration::from_millis(1500), n);
+    let log = daemon.output.text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("to=down") || l.contains("Applied the new upstream file"))
+        .collect();
+    eprintln!("figure: the burst, as logged:\n{}", lines.join("\n"));
 }
 
 /// A file on disk serving `addresses` for upstream `kotaemon`, as an earlier run left it.
