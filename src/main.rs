@@ -46,6 +46,10 @@ enum Command {
         /// Print the file instead of writing it; touch nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Write the file atomically and run the test command, but do not signal nginx
+        /// (for the first include, before nginx runs a site that uses it).
+        #[arg(long, conflicts_with = "dry_run")]
+        no_reload: bool,
     },
     /// Validate the config file, reporting every problem at once.
     Check {
@@ -63,7 +67,8 @@ enum LogFormat {
 
 /// Exit code for usage and config errors.
 const EXIT_CONFIG: u8 = 2;
-/// How long `once` waits for sources and first probes.
+/// How long `once` waits for sources and first probes; then it names what it waited for and
+/// exits 1.
 const ONCE_DEADLINE: Duration = Duration::from_secs(30);
 
 fn init_logging(format: LogFormat) {
@@ -119,10 +124,14 @@ async fn main() -> ExitCode {
             }
             Err(code) => Ok(code),
         },
-        Command::Once { config, dry_run } => {
+        Command::Once {
+            config,
+            dry_run,
+            no_reload,
+        } => {
             init_logging(LogFormat::Text);
             match load_or_exit(&config) {
-                Ok((cfg, renderer)) => once(cfg, renderer, dry_run).await,
+                Ok((cfg, renderer)) => once(cfg, renderer, dry_run, no_reload).await,
                 Err(code) => Ok(code),
             }
         }
@@ -148,7 +157,12 @@ async fn main() -> ExitCode {
     });
 }
 
-async fn once(cfg: Config, renderer: Renderer, dry_run: bool) -> anyhow::Result<ExitCode> {
+async fn once(
+    cfg: Config,
+    renderer: Renderer,
+    dry_run: bool,
+    no_reload: bool,
+) -> anyhow::Result<ExitCode> {
     let nginx = SystemNginx::new(&cfg.nginx);
     let controller = Controller::new(
         cfg,
@@ -162,6 +176,7 @@ async fn once(cfg: Config, renderer: Renderer, dry_run: bool) -> anyhow::Result<
         .run(
             Mode::Once {
                 dry_run,
+                no_reload,
                 deadline: ONCE_DEADLINE,
             },
             reloads,

@@ -65,6 +65,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Unix time of the last successful reload.",
     ),
     (
+        "upstreamd_apply_pending",
+        "gauge",
+        "1 while the desired file is not what nginx runs: waiting for settle, min_reload_interval or a retry, or the template fails.",
+    ),
+    (
+        "upstreamd_apply_failures_consecutive",
+        "gauge",
+        "Failed applies in a row; 0 after a success.",
+    ),
+    (
         "upstreamd_shrink_held",
         "gauge",
         "1 while a large drop of endpoints is held for confirmation.",

@@ -122,10 +122,13 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
         }
         // A membership change makes a new file to apply.
         replicas[1].set_mode(if n % 2 == 0 { "error" } else { "healthy" });
-        wait_reloads(&admin, "signal_failed", 2.0 + n as f64);
-        let st = admin_status(&admin);
-        let error = st["last_apply"]["error"].as_str().unwrap();
-        assert!(error.contains(says), "{what}: {error}");
+        // The change, or a retry of the one before, fails on this pid file.
+        wait_for(&format!("{what}: the failure in /status"), SHORT, || {
+            admin_status(&admin)["last_apply"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(says))
+        });
+        assert!(reloads(&admin, "signal_failed") >= 2.0 + n as f64);
         assert!(
             daemon.output.text().contains(says),
             "{what}: the failure is logged"
@@ -144,7 +147,7 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
     assert!(nginx
         .rendered()
         .contains(&format!("server {};", replicas[1].addr)));
-    assert_eq!(reloads(&admin, "signal_failed"), 4.0);
+    assert!(reloads(&admin, "signal_failed") >= 4.0);
 }
 
 /// The built-in template plus an invalid directive whenever exactly one server is down.
@@ -201,9 +204,13 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
         .output
         .text()
         .contains("Could not apply the new upstream file"));
-    // The rejected text is not retried while nothing changes.
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(reloads(&admin, "test_failed"), 1.0);
+    // The rejected text is retried with backoff (the site may be fixed meanwhile), and a
+    // failed test signals nothing: no reload storm.
+    wait_for("a retry of the rejected text", SHORT, || {
+        reloads(&admin, "test_failed") >= 2.0
+    });
+    assert_eq!(nginx.reloads(), 1);
+    assert_eq!(nginx.rendered(), good);
 
     // Two down: valid again, applied.
     replicas[2].set_mode("error");
@@ -244,7 +251,7 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     wait_reloads(&admin, "unconfirmed", 1.0);
     assert_eq!(nginx.rendered(), good, "rolled back to the last good bytes");
     assert_eq!(reloads(&admin, "ok"), 1.0);
-    assert_eq!(nginx.reloads(), 2, "the one SIGHUP nginx refused");
+    assert!(nginx.reloads() >= 2, "the SIGHUP nginx refused");
     assert!(nginx.error_log().contains("no_such_directive"));
     let st = admin_status(&admin);
     assert_eq!(st["last_apply"]["result"], "unconfirmed");
@@ -260,7 +267,7 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     assert!(nginx
         .rendered()
         .contains(&format!("server {} down;", replicas[2].addr)));
-    assert_eq!(reloads(&admin, "unconfirmed"), 1.0);
+    assert!(reloads(&admin, "unconfirmed") >= 1.0);
 }
 
 #[test]
@@ -292,13 +299,17 @@ fn a_write_that_fails_keeps_nginx_and_the_daemon_and_recovers() {
     assert_eq!(nginx.reloads(), 0);
     assert_eq!(nginx.rendered(), original, "nginx's own file is untouched");
 
-    // The directory appears; the next change is written and applied.
+    // The directory appears; nothing else changes: the retry writes and applies the file.
     std::fs::remove_file(&blocker).unwrap();
     std::fs::create_dir(&blocker).unwrap();
-    replicas[1].set_mode("error");
-    wait_reloads(&admin, "ok", 1.0);
+    wait_for("the retry to succeed", SHORT, || {
+        reloads(&admin, "ok") >= 1.0
+    });
     let text = std::fs::read_to_string(&output).unwrap();
-    assert!(text.contains(&format!("server {} down;", replicas[1].addr)));
+    for r in &replicas {
+        assert!(text.contains(&format!("server {};", r.addr)), "{text}");
+    }
+    assert_eq!(admin_status(&admin)["apply"]["state"], "in_sync");
 }
 
 fn mode_of(path: &Path) -> u32 {

@@ -1,6 +1,8 @@
 //! The status page: server-rendered HTML that refreshes itself every two seconds, no script.
 
-use crate::controller::status::{EndpointStatus, SourceStatus, StatusReport, UpstreamStatus};
+use crate::controller::status::{
+    ApplyState, EndpointStatus, SourceStatus, StatusReport, UpstreamStatus,
+};
 
 /// Escapes text for HTML.
 fn esc(s: &str) -> String {
@@ -120,6 +122,39 @@ fn upstream_section(u: &UpstreamStatus) -> String {
     out
 }
 
+/// Where the desired file stands: on disk, confirmed by nginx, retried.
+fn apply_line(a: &ApplyState) -> String {
+    let next = a
+        .next_attempt_secs
+        .map(|s| format!("; next attempt in {s:.1} s"))
+        .unwrap_or_default();
+    let (class, what) = match a.state {
+        "in_sync" => ("muted", "nginx runs the desired file".to_owned()),
+        "pending" if a.urgent => ("muted", format!("A removal is being applied{next}")),
+        "pending" => (
+            "muted",
+            format!("A change is waiting for settle / min_reload_interval{next}"),
+        ),
+        "render_failed" => (
+            "bad",
+            format!(
+                "The template fails; the last good file stays: {}",
+                a.render_error.as_deref().unwrap_or_default()
+            ),
+        ),
+        _ => (
+            "bad",
+            format!(
+                "Applying failed {} time(s) in a row; the file on disk is the {} one{next}: {}",
+                a.consecutive_failures,
+                a.on_disk,
+                a.last_error.as_deref().unwrap_or_default()
+            ),
+        ),
+    };
+    format!("<p class=\"{class}\" id=\"apply\">{}</p>", esc(&what))
+}
+
 /// The page for a status report.
 pub fn render(r: &StatusReport) -> String {
     let mut body = String::new();
@@ -145,11 +180,7 @@ pub fn render(r: &StatusReport) -> String {
         )),
         None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
     }
-    if r.change_pending {
-        body.push_str(
-            "<p class=\"muted\">A change is waiting for settle / min_reload_interval.</p>",
-        );
-    }
+    body.push_str(&apply_line(&r.apply));
     for u in &r.upstreams {
         body.push_str(&upstream_section(u));
     }
@@ -178,6 +209,16 @@ mod tests {
             upstreams: vec![],
             last_apply: None,
             change_pending: false,
+            apply: ApplyState {
+                state: "in_sync",
+                on_disk: "missing",
+                nginx_confirmed: true,
+                urgent: false,
+                consecutive_failures: 0,
+                next_attempt_secs: None,
+                last_error: None,
+                render_error: None,
+            },
         };
         let html = render(&r);
         assert!(html.contains("http-equiv=\"refresh\""));

@@ -1,13 +1,13 @@
 //! Starting upstreams and applying a reloaded config in place: which upstreams keep their
 //! source tasks, snapshots and verdicts, and which restart.
 
-use std::time::Instant;
-
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::changes::parse_servers;
 use super::saved::{self, Saver};
 use super::state::{SavedSnapshot, UpstreamState};
-use super::{Controller, ControllerError};
+use super::Controller;
 use crate::config::{Config, NginxConfig, UpstreamConfig};
 use crate::nginx::Nginx;
 use crate::render::Renderer;
@@ -38,8 +38,27 @@ impl<N: Nginx> Controller<N> {
         );
         let mut state = UpstreamState::new(cfg, labels);
         state.generation = self.generation;
+        state.on_disk = self.on_disk_servers(&state.cfg.name);
         self.load_saved(&mut state);
         (state, token)
+    }
+
+    /// The addresses the include file on disk holds for `upstream` (none without a file).
+    fn on_disk_servers(
+        &self,
+        upstream: &crate::model::UpstreamName,
+    ) -> std::collections::BTreeSet<crate::model::Address> {
+        let text = crate::nginx::read_current(&self.cfg.nginx.output)
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        parse_servers(&text)
+            .remove(upstream.as_str())
+            .unwrap_or_default()
+            .into_keys()
+            .filter_map(|a| a.parse().ok())
+            .collect()
     }
 
     /// Reads the snapshots an earlier run saved for this upstream's registry sources.
@@ -81,9 +100,17 @@ impl<N: Nginx> Controller<N> {
     /// their source tasks and snapshots (and their probe verdicts, unless the health config
     /// changed); others restart. The `[nginx]` paths and commands are bound to the running
     /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template` and
-    /// `state_dir` apply at once.
-    pub(super) fn reconfigure(&mut self, mut cfg: Config) -> Result<(), ControllerError> {
-        self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
+    /// `state_dir` apply at once. A failed apply is retried at once. A template that does not
+    /// load (`check` refuses it first) keeps the running config whole.
+    pub(super) fn reconfigure(&mut self, mut cfg: Config) {
+        match Renderer::new(cfg.nginx.template.as_deref()) {
+            Ok(renderer) => self.renderer = renderer,
+            Err(error) => {
+                tracing::error!(%error, "Refusing the new config: its template does not load; keeping the running one.");
+                self.notify("READY", self.notifier.ready());
+                return;
+            }
+        }
         let (old_nginx, new_nginx) = (&self.cfg.nginx, &cfg.nginx);
         if (
             &old_nginx.output,
@@ -165,13 +192,16 @@ impl<N: Nginx> Controller<N> {
                     .forget(family, ("upstream", gone.cfg.name.as_str()));
             }
         }
+        self.schedule
+            .set_pacing(cfg.nginx.settle, cfg.nginx.min_reload_interval);
+        // A SIGHUP is the operator saying "try again now" (the site config may be fixed).
+        self.schedule.retry_now();
         self.cfg = cfg;
         self.gauges_stale = true;
         self.dirty = true;
         tracing::info!(kept, restarted, "Configuration reloaded.");
         // Ends the RELOADING=1 that main sent when SIGHUP arrived.
         self.notify("READY", self.notifier.ready());
-        Ok(())
     }
 }
 

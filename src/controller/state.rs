@@ -5,9 +5,10 @@
 //! merging, hysteresis and holding a large shrink are unit-tested without a runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::config::UpstreamConfig;
 use crate::decide::{decide, merge, Desired};
@@ -73,6 +74,8 @@ pub struct HeldShrink {
     pub before: usize,
     /// The upstream's endpoints if the answer were applied.
     pub after: usize,
+    /// The addresses the answer would remove, for the log when it is applied.
+    pub removed: Vec<Address>,
 }
 
 /// What a source update did to a shrink hold.
@@ -145,6 +148,10 @@ pub struct UpstreamState {
     pub hinted_404: bool,
     /// The generation of the running source tasks; updates from other generations are stale.
     pub generation: u64,
+    /// The addresses the include file on disk served for this upstream when it started: the
+    /// shrink guard's baseline for the first full set of answers, so a restart without
+    /// `state_dir` (or with an unreadable snapshot) does not forget what nginx serves.
+    pub on_disk: BTreeSet<Address>,
 }
 
 fn describe(outcome: &ProbeOutcome) -> String {
@@ -191,6 +198,7 @@ impl UpstreamState {
             health: BTreeMap::new(),
             hinted_404: false,
             generation: 0,
+            on_disk: BTreeSet::new(),
         }
     }
 
@@ -237,13 +245,14 @@ impl UpstreamState {
             } => {
                 endpoints.sort_by(|a, b| a.address.cmp(&b.address));
                 let (before, after, removed) = self.shrink_of(index, &endpoints);
+                let removed_count = removed.len();
                 let src = &mut self.sources[index];
                 src.error = None;
                 src.failing_since = None;
                 src.updated = Some(now);
                 src.updates += 1;
                 // A static list is the operator's own word: only registry answers are guarded.
-                if src.kind != "static" && too_large_a_shrink(&self.cfg, before, removed) {
+                if src.kind != "static" && too_large_a_shrink(&self.cfg, before, removed_count) {
                     let shrink = if src.held.is_some() {
                         ShrinkEvent::StillHeld
                     } else {
@@ -256,6 +265,7 @@ impl UpstreamState {
                         since,
                         before,
                         after,
+                        removed,
                     });
                     return Delta {
                         shrink,
@@ -297,16 +307,29 @@ impl UpstreamState {
         }
     }
 
-    /// For an answer of source `index`: the upstream's endpoint count before, after, and how
-    /// many addresses it would remove. Before the first answers, "before" counts the saved
-    /// snapshots, so a restart or a reload does not reset the guard's baseline.
-    fn shrink_of(&self, index: usize, answer: &[Endpoint]) -> (usize, usize, usize) {
+    /// For an answer of source `index`: the upstream's endpoint count before, after, and the
+    /// addresses it would remove. Before the first answers, "before" counts the saved
+    /// snapshots, so a restart or a reload does not reset the guard's baseline; and the answer
+    /// that completes the first full set is also measured against the file on disk
+    /// (`on_disk`), which is what nginx serves.
+    fn shrink_of(&self, index: usize, answer: &[Endpoint]) -> (usize, usize, Vec<Address>) {
         fn known(s: &SourceState) -> Option<&[Endpoint]> {
             s.snapshot
                 .as_deref()
                 .or(s.saved.as_ref().map(|v| v.endpoints.as_slice()))
         }
-        let before = merge(self.sources.iter().filter_map(known));
+        let mut before: BTreeSet<Address> = merge(self.sources.iter().filter_map(known))
+            .into_keys()
+            .collect();
+        let completes_first_set = self.sources.iter().any(|s| known(s).is_none())
+            && self
+                .sources
+                .iter()
+                .enumerate()
+                .all(|(i, s)| i == index || known(s).is_some());
+        if completes_first_set {
+            before.extend(self.on_disk.iter().cloned());
+        }
         let after = merge(self.sources.iter().enumerate().filter_map(|(i, s)| {
             if i == index {
                 Some(answer)
@@ -314,7 +337,11 @@ impl UpstreamState {
                 known(s)
             }
         }));
-        let removed = before.keys().filter(|a| !after.contains_key(*a)).count();
+        let removed: Vec<Address> = before
+            .iter()
+            .filter(|a| !after.contains_key(*a))
+            .cloned()
+            .collect();
         (before.len(), after.len(), removed)
     }
 
@@ -340,7 +367,12 @@ impl UpstreamState {
             };
             let d = self.take_snapshot(i, h.endpoints, h.skipped, now);
             delta.added.extend(d.added);
+            // What the hold measured against (the endpoints before, or the file on disk),
+            // not what this state merged: before a first answer that is nothing.
+            delta.removed.extend(h.removed);
             delta.removed.extend(d.removed);
+            delta.removed.sort();
+            delta.removed.dedup();
             delta.changed |= d.changed;
             delta.snapshot_changed |= d.snapshot_changed;
         }
@@ -814,6 +846,30 @@ mod tests {
         let (_, d) = s.release_held(t0 + Duration::from_secs(30)).unwrap();
         assert!(d.snapshot_changed);
         assert!(s.sources_ready() && s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn the_first_full_set_of_answers_is_measured_against_the_file_on_disk() {
+        // 11 servers in the file, a restart without state_dir, a registry that came back empty.
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        s.on_disk = FOUR.iter().map(|a| a.parse().unwrap()).collect();
+        let t0 = Instant::now();
+        s.on_source(1, snap(&[]), t0);
+        let d = s.on_source(0, snap(&[]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::Held);
+        assert!(!s.sources_ready(), "nothing rendered while held");
+        let (_, d) = s.release_held(t0 + Duration::from_secs(30)).unwrap();
+        assert_eq!(d.removed.len(), 4, "the log names what leaves nginx");
+
+        // A first answer that keeps most of the file passes at once.
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        s.on_disk = FOUR.iter().map(|a| a.parse().unwrap()).collect();
+        s.on_source(1, snap(&[]), t0);
+        assert_eq!(
+            s.on_source(0, snap(&FOUR[..2]), t0).shrink,
+            ShrinkEvent::None
+        );
+        assert!(s.sources_ready());
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! What `/status` and the status page show: a snapshot of the controller's state, built on
 //! request (so a large fleet costs nothing between requests).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::state::{LastProbe, UpstreamState};
 use crate::config::Balance;
@@ -25,8 +26,36 @@ pub struct StatusReport {
     pub upstreams: Vec<UpstreamStatus>,
     /// The last render and apply.
     pub last_apply: Option<ApplyStatus>,
-    /// A change is waiting for `settle` or `min_reload_interval`.
+    /// The desired file is not what nginx runs yet: a change waits for `settle` or
+    /// `min_reload_interval`, or a failed apply waits for its retry.
     pub change_pending: bool,
+    /// Where the desired file stands: on disk, confirmed by nginx, retried.
+    pub apply: ApplyState,
+}
+
+/// Where the desired file stands between the render and nginx.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyState {
+    /// `in_sync` (nginx runs the desired file), `pending` (waiting for `settle` or
+    /// `min_reload_interval`), `retrying` (an apply failed; retried with backoff) or
+    /// `render_failed` (the template failed; the last good file stays).
+    pub state: &'static str,
+    /// What the include file holds: `desired`, `previous` (an older text, still what nginx
+    /// runs after a failed apply), `missing`, or `unknown` (nothing rendered yet).
+    pub on_disk: &'static str,
+    /// nginx confirmed the bytes on disk (false only when a failed apply could not put the
+    /// previous file back).
+    pub nginx_confirmed: bool,
+    /// The pending change only takes servers out of rotation: it does not wait for `settle`.
+    pub urgent: bool,
+    /// Failed applies in a row.
+    pub consecutive_failures: u32,
+    /// Seconds until the next attempt, while a change is pending.
+    pub next_attempt_secs: Option<f64>,
+    /// The error of the last failed apply, while failing.
+    pub last_error: Option<String>,
+    /// The last render error, while the template fails.
+    pub render_error: Option<String>,
 }
 
 /// One upstream.
@@ -112,7 +141,8 @@ pub struct TransitionStatus {
 /// The outcome of the last apply.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApplyStatus {
-    /// `ok`, `unchanged`, or a failure label (`test_failed`, `signal_failed`, `unconfirmed`, `write_failed`).
+    /// `ok`, `unchanged`, `written` (`once --no-reload`), or a failure label (`test_failed`,
+    /// `signal_failed`, `unconfirmed`, `write_failed`).
     pub result: String,
     /// Seconds ago.
     pub secs_ago: f64,

@@ -52,7 +52,13 @@ pub struct ReloadProof {
 pub enum Applied {
     /// The file already held these bytes: nothing written, tested or signalled.
     Unchanged,
-    /// The file was replaced, passed the test and nginx reloaded.
+    /// The file was replaced and passed the test; nginx was not signalled (`Reach::NoReload`).
+    Written {
+        /// How long the test command took.
+        test: Duration,
+    },
+    /// The file was replaced (or already held the bytes, with `Reach::Always`), passed the
+    /// test and nginx reloaded.
     Reloaded {
         /// How long the test command took.
         test: Duration,
@@ -163,7 +169,24 @@ impl ApplyError {
     }
 }
 
-/// Makes `output` hold `new` and nginx run it.
+/// How far [`apply_with`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Nothing when the file already holds the bytes; else write, test, reload.
+    IfChanged,
+    /// Test and reload even when the file already holds the bytes: nginx has not confirmed
+    /// them (an earlier apply failed and could not put the previous file back).
+    Always,
+    /// Write and test, never signal (`once --no-reload`).
+    NoReload,
+}
+
+/// Makes `output` hold `new` and nginx run it: [`apply_with`] and [`Reach::IfChanged`].
+pub async fn apply<N: Nginx>(output: &Path, new: &[u8], nginx: &N) -> Result<Applied, ApplyError> {
+    apply_with(output, new, nginx, Reach::IfChanged).await
+}
+
+/// Makes `output` hold `new` and nginx run it, as far as `reach` says.
 ///
 /// Unchanged bytes → `Applied::Unchanged`, nothing else done. Otherwise: write atomically →
 /// `test()` → `reload()`. After a failure past the write the previous bytes are restored (or
@@ -173,7 +196,12 @@ impl ApplyError {
 /// Not cancel-safe: dropped between the write and the end, it leaves the new file untested
 /// or unconfirmed on disk. Let it finish; it is bounded by the command timeout plus
 /// `confirm_timeout`.
-pub async fn apply<N: Nginx>(output: &Path, new: &[u8], nginx: &N) -> Result<Applied, ApplyError> {
+pub async fn apply_with<N: Nginx>(
+    output: &Path,
+    new: &[u8],
+    nginx: &N,
+    reach: Reach,
+) -> Result<Applied, ApplyError> {
     let write_failed = |error| ApplyError::Write {
         path: output.to_owned(),
         error,
@@ -184,21 +212,27 @@ pub async fn apply<N: Nginx>(output: &Path, new: &[u8], nginx: &N) -> Result<App
     })
     .await
     .map_err(write_failed)?;
-    if previous.as_deref() == Some(new) {
+    let unchanged = previous.as_deref() == Some(new);
+    if unchanged && reach != Reach::Always {
         return Ok(Applied::Unchanged);
     }
-    blocking(output, {
-        let (output, new) = (output.to_owned(), new.to_vec());
-        move || write_atomic(&output, &new)
-    })
-    .await
-    .map_err(write_failed)?;
+    if !unchanged {
+        blocking(output, {
+            let (output, new) = (output.to_owned(), new.to_vec());
+            move || write_atomic(&output, &new)
+        })
+        .await
+        .map_err(write_failed)?;
+    }
 
     let started = Instant::now();
     if let Err(error) = nginx.test().await {
         return Err(roll_back(output, previous, Step::Test, error).await);
     }
     let test = started.elapsed();
+    if reach == Reach::NoReload {
+        return Ok(Applied::Written { test });
+    }
 
     let started = Instant::now();
     match nginx.reload().await {

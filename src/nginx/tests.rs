@@ -127,6 +127,34 @@ async fn changed_bytes_are_written_before_the_test_then_reloaded() {
 }
 
 #[tokio::test]
+async fn unconfirmed_bytes_already_on_disk_are_tested_and_reloaded_when_asked() {
+    let (_dir, output) = setup(Some(NEW));
+    let fake = Fake::new(&output);
+
+    let applied = apply_with(&output, NEW, &fake, Reach::Always)
+        .await
+        .unwrap();
+
+    assert!(matches!(applied, Applied::Reloaded { .. }));
+    assert_eq!(fake.calls(), ["test", "reload"]);
+    assert_eq!(fs::read(&output).unwrap(), NEW);
+}
+
+#[tokio::test]
+async fn no_reload_writes_and_tests_but_never_signals() {
+    let (_dir, output) = setup(None);
+    let fake = Fake::new(&output);
+
+    let applied = apply_with(&output, NEW, &fake, Reach::NoReload)
+        .await
+        .unwrap();
+
+    assert!(matches!(applied, Applied::Written { .. }));
+    assert_eq!(fake.calls(), ["test"]);
+    assert_eq!(fs::read(&output).unwrap(), NEW);
+}
+
+#[tokio::test]
 async fn a_failed_test_restores_the_old_bytes_and_never_reloads() {
     let (_dir, output) = setup(Some(OLD));
     let fake = Fake {

@@ -1,0 +1,292 @@
+//! One level-triggered pass: render when something changed, compare with the file on disk,
+//! and apply when the schedule says so. A failed apply or render is reported and the loop goes
+//! on: the change stays pending and is retried with backoff until nginx runs the file.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::changes::{describe, is_urgent, parse_servers};
+use super::status::{ApplyState, LastApply};
+use super::{Controller, ControllerError, Mode, Outcome};
+use crate::decide::Desired;
+use crate::nginx::{self, Applied, ApplyError, Nginx, Reach};
+use crate::render::RenderError;
+
+impl<N: Nginx> Controller<N> {
+    fn render(&self) -> Result<String, RenderError> {
+        let pairs: Vec<(Desired, _)> = self
+            .upstreams
+            .iter()
+            .map(|u| (u.desired(), u.cfg.on_all_unhealthy))
+            .collect();
+        self.renderer.render(&pairs)
+    }
+
+    /// Reads the include file: `None` when it does not exist or cannot be read (an apply then
+    /// reports why).
+    fn read_on_disk(&self) -> Option<String> {
+        nginx::read_current(&self.cfg.nginx.output)
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Renders and records what the render found. A render error is reported and the last
+    /// good text kept; in `once` it ends the run.
+    fn render_and_compare(&mut self, now: Instant, mode: Mode) -> Result<(), ControllerError> {
+        let text = match self.render() {
+            Ok(text) => text,
+            Err(e) if mode == Mode::Run => {
+                self.metrics
+                    .inc("upstreamd_renders_total", &[("result", "error")]);
+                let error = e.to_string();
+                if self.render_error.as_deref() != Some(error.as_str()) {
+                    tracing::error!(%error, output = %self.cfg.nginx.output.display(),
+                        "Could not render the upstream file; keeping the last good one and running on.");
+                }
+                self.render_error = Some(error);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.render_error.take().is_some() {
+            tracing::info!("The upstream file renders again.");
+        }
+        self.on_disk = self.read_on_disk();
+        let differs = self.on_disk.as_deref() != Some(text.as_str()) || !self.confirmed;
+        self.metrics.inc(
+            "upstreamd_renders_total",
+            &[("result", if differs { "changed" } else { "unchanged" })],
+        );
+        let urgent = differs && {
+            let new = parse_servers(&text);
+            let against_disk = self
+                .on_disk
+                .as_deref()
+                .is_some_and(|d| is_urgent(&parse_servers(d), &new));
+            let against_last = self
+                .rendered
+                .as_deref()
+                .is_some_and(|r| r != text && is_urgent(&parse_servers(r), &new));
+            against_disk || against_last
+        };
+        let is_retry = self.failed.as_deref() == Some(text.as_str());
+        self.schedule.on_render(now, differs, urgent, is_retry);
+        if !differs {
+            self.failed = None;
+            if mode == Mode::Run {
+                self.mark_ready();
+            }
+        }
+        self.rendered = Some(text);
+        Ok(())
+    }
+
+    /// One level-triggered pass: render when something changed, apply when due.
+    pub(super) async fn step(
+        &mut self,
+        now: Instant,
+        mode: Mode,
+    ) -> Result<Option<Outcome>, ControllerError> {
+        if self.gauges_stale {
+            // Once per pass, not per transition: a burst of first probes costs one count.
+            self.gauges_stale = false;
+            self.update_gauges();
+        }
+        if let Mode::Once { .. } = mode {
+            let held: Vec<String> = self
+                .upstreams
+                .iter()
+                .filter_map(|u| Some(format!("upstream {}: {}", u.cfg.name, u.shrink_held(now)?)))
+                .collect();
+            if !held.is_empty() {
+                return Err(ControllerError::ShrinkHeld(held.join("; ")));
+            }
+        }
+        if !self.upstreams.iter().all(|u| u.sources_ready())
+            || self
+                .upstreams
+                .iter()
+                .any(|u| u.pending_first_probe(now).is_some())
+        {
+            return Ok(None);
+        }
+        if self.dirty {
+            self.dirty = false;
+            self.render_and_compare(now, mode)?;
+        }
+        let outcome = match mode {
+            Mode::Once { dry_run: true, .. } => self.rendered.take().map(Outcome::Rendered),
+            Mode::Once { no_reload, .. } => {
+                if self.schedule.is_pending() {
+                    self.apply(now, no_reload).await?;
+                }
+                Some(Outcome::Applied)
+            }
+            Mode::Run => {
+                if self.schedule.due().is_some_and(|due| now >= due) {
+                    // Reported, counted and kept for /status inside; the change stays pending
+                    // and the schedule says when it is retried.
+                    let _ = self.apply(now, false).await;
+                }
+                None
+            }
+        };
+        self.set_apply_gauges();
+        Ok(outcome)
+    }
+
+    pub(super) fn set_apply_gauges(&self) {
+        let pending = self.schedule.is_pending() || self.render_error.is_some();
+        self.metrics.set(
+            "upstreamd_apply_pending",
+            &[],
+            if pending { 1.0 } else { 0.0 },
+        );
+        self.metrics.set(
+            "upstreamd_apply_failures_consecutive",
+            &[],
+            f64::from(self.schedule.failures()),
+        );
+    }
+
+    pub(super) fn mark_ready(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
+            self.notify("READY", self.notifier.ready());
+        }
+        self.notify("STATUS", self.notifier.status(&self.summary()));
+    }
+
+    async fn apply(&mut self, now: Instant, no_reload: bool) -> Result<(), ApplyError> {
+        let Some(text) = self.rendered.clone() else {
+            return Ok(());
+        };
+        let reach = if no_reload {
+            Reach::NoReload
+        } else if !self.confirmed && self.on_disk.as_deref() == Some(text.as_str()) {
+            Reach::Always
+        } else {
+            Reach::IfChanged
+        };
+        // Against the file on disk: what nginx runs, whatever failed in between.
+        let changes = describe(
+            self.on_disk.as_deref().map(parse_servers).as_ref(),
+            &parse_servers(&text),
+        );
+        let t0 = Instant::now();
+        let result =
+            nginx::apply_with(&self.cfg.nginx.output, text.as_bytes(), &self.nginx, reach).await;
+        let took = t0.elapsed();
+        // Backoff and min_reload_interval count from the end of the attempt: a reload that
+        // waited out confirm_timeout must not be retried the moment it returns.
+        let retry_in =
+            self.schedule
+                .on_attempt(Instant::now(), result.is_ok(), rand::random::<f64>());
+        self.last_apply = Some(LastApply {
+            result: match &result {
+                Ok(Applied::Unchanged) => "unchanged".into(),
+                Ok(Applied::Reloaded { .. }) => "ok".into(),
+                Ok(Applied::Written { .. }) => "written".into(),
+                Err(e) => e.result_label().into(),
+            },
+            at: now,
+            duration: took,
+            changes: changes.clone(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        });
+        match result {
+            Ok(applied) => {
+                if let Applied::Reloaded { .. } = applied {
+                    self.metrics
+                        .inc("upstreamd_reloads_total", &[("result", "ok")]);
+                    self.metrics.observe(
+                        "upstreamd_reload_duration_seconds",
+                        &[],
+                        took.as_secs_f64(),
+                    );
+                    let unix = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    self.metrics.set(
+                        "upstreamd_last_reload_success_timestamp_seconds",
+                        &[],
+                        unix.as_secs_f64(),
+                    );
+                    tracing::info!(%changes, took_ms = took.as_millis() as u64,
+                        "Applied the new upstream file and nginx reloaded.");
+                } else if let Applied::Written { .. } = applied {
+                    tracing::info!(%changes, output = %self.cfg.nginx.output.display(),
+                        "Wrote the upstream file; nginx was not signalled.");
+                }
+                if !matches!(applied, Applied::Written { .. }) {
+                    self.confirmed = true;
+                }
+                self.on_disk = Some(text);
+                self.failed = None;
+                self.mark_ready();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .inc("upstreamd_reloads_total", &[("result", e.result_label())]);
+                if !e.file_restored() {
+                    // The failed bytes may be on disk: nginx must confirm them before the
+                    // file counts as applied.
+                    self.confirmed = false;
+                }
+                self.on_disk = self.read_on_disk();
+                let state = if e.file_restored() {
+                    "the file nginx runs is unchanged"
+                } else {
+                    "the file on disk may not be what nginx runs"
+                };
+                let retry = retry_in
+                    .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                    .unwrap_or_default();
+                tracing::error!(error = %e, failures = self.schedule.failures(), retry_in = %retry,
+                    "Could not apply the new upstream file; {state}. Retrying with backoff.");
+                self.failed = Some(text);
+                Err(e)
+            }
+        }
+    }
+
+    /// The apply part of `/status`.
+    pub(super) fn apply_state(&self, now: Instant) -> ApplyState {
+        let on_disk = match (&self.on_disk, &self.rendered) {
+            (None, _) => "missing",
+            (Some(d), Some(r)) if d == r => "desired",
+            (Some(_), None) => "unknown",
+            (Some(_), Some(_)) => "previous",
+        };
+        let state = if self.render_error.is_some() {
+            "render_failed"
+        } else if self.schedule.failures() > 0 {
+            "retrying"
+        } else if self.schedule.is_pending() {
+            "pending"
+        } else {
+            "in_sync"
+        };
+        ApplyState {
+            state,
+            on_disk,
+            nginx_confirmed: self.confirmed,
+            urgent: self.schedule.is_urgent(),
+            consecutive_failures: self.schedule.failures(),
+            next_attempt_secs: self
+                .schedule
+                .due()
+                .map(|d| d.saturating_duration_since(now).as_secs_f64()),
+            last_error: self
+                .last_apply
+                .as_ref()
+                .filter(|_| self.schedule.failures() > 0)
+                .and_then(|a| a.error.clone()),
+            render_error: self.render_error.clone(),
+        }
+    }
+}
