@@ -335,13 +335,7 @@ impl<N: Nginx> Controller<N> {
             SourceEvent::Snapshot { skipped, .. } => {
                 metrics.inc("upstreamd_source_updates_total", &labels);
                 metrics.set("upstreamd_source_up", &labels, 1.0);
-                if *skipped > 0 {
-                    metrics.add(
-                        "upstreamd_registry_entries_skipped_total",
-                        &labels,
-                        *skipped as f64,
-                    );
-                }
+                metrics.skipped_now(&labels, *skipped);
                 if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
                     tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
                 }
@@ -585,7 +579,7 @@ impl<N: Nginx> Controller<N> {
                 // A failure is logged, counted and kept for /status; the daemon goes on and
                 // retries on the next change.
                 if let Err(e) = self.apply(now).await {
-                    tracing::error!(error = %e, "Could not apply the new upstream file; the previous one is back in place.");
+                    tracing::error!(error = %e, "Could not apply the new upstream file.");
                 }
             }
         }

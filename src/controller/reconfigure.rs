@@ -36,6 +36,7 @@ impl<N: Nginx> Controller<N> {
             &[("upstream", cfg.name.as_str())],
             0.0,
         );
+        self.metrics.declare_upstream(cfg.name.as_str(), &labels);
         let mut state = UpstreamState::new(cfg, labels);
         state.generation = self.generation;
         self.load_saved(&mut state);
@@ -83,7 +84,7 @@ impl<N: Nginx> Controller<N> {
     /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template` and
     /// `state_dir` apply at once.
     pub(super) fn reconfigure(&mut self, mut cfg: Config) -> Result<(), ControllerError> {
-        self.renderer = Renderer::new(cfg.nginx.template.as_deref())?;
+        self.renderer = Renderer::checked(cfg.nginx.template.as_deref())?;
         let (old_nginx, new_nginx) = (&self.cfg.nginx, &cfg.nginx);
         if (
             &old_nginx.output,
@@ -160,6 +161,7 @@ impl<N: Nginx> Controller<N> {
                 "upstreamd_endpoints",
                 "upstreamd_source_up",
                 "upstreamd_shrink_held",
+                "upstreamd_registry_entries_skipped",
             ] {
                 self.metrics
                     .forget(family, ("upstream", gone.cfg.name.as_str()));
