@@ -142,6 +142,21 @@ pub fn check(cfg: &crate::config::Config) -> Vec<String> {
     problems
 }
 
+/// An error and its causes as one line, `outer: inner: innermost`, leaving out a cause whose
+/// text the line already holds (transport errors often repeat "Connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        source = s.source();
+    }
+    line
+}
+
 /// Runs `step` (a sleep, a send to a busy controller); false when shutdown came first or
 /// `step` says to stop (the controller is gone). Every await of a source goes through this.
 pub(crate) async fn until_shutdown(
@@ -194,5 +209,38 @@ fn start<S: Source, E: std::fmt::Display>(
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        inner: Option<Box<Layer>>,
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let refused = Layer {
+            text: "Connection refused (os error 111)",
+            inner: None,
+        };
+        let connect = Layer {
+            text: "tcp connect error: Connection refused (os error 111)",
+            inner: Some(Box::new(refused)),
+        };
+        let outer = Layer {
+            text: "transport error",
+            inner: Some(Box::new(connect)),
+        };
+        assert_eq!(
+            error_chain(&outer),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
     }
 }
