@@ -138,7 +138,13 @@ fn admin_connections_beyond_the_cap_are_closed_at_once_and_applies_go_on() {
 fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
     let s = setup("max_connections = 4\nheader_read_timeout = \"1s\"");
     let _report = report_on_failure(&s.nginx);
-    let mut conns: Vec<TcpStream> = (0..4).map(|_| half_head(&s.admin)).collect();
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| half_head(&s.admin)).collect();
+    // And one that asked once and then keeps its connection open, sending nothing more.
+    let mut idle = TcpStream::connect(&s.admin).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    idle.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    conns.push(idle);
     // The cap is full of stalled heads; each is closed once its head read times out.
     wait_closed("every stalled head closed", &mut conns, 4, SHORT);
     wait_for("/healthz answers again", SHORT, || {
