@@ -107,15 +107,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// A config that passed every check, with the warnings to show.
+/// A valid config, with what its preflight on this machine found.
 struct Loaded {
     cfg: Config,
     renderer: Renderer,
-    warnings: Vec<String>,
+    preflight: config::Preflight,
 }
 
-/// Loads and fully validates a config: the file, its template (compiled and tried on
-/// representative data) and its paths on this machine.
+/// Loads and fully validates a config: the file and its template (compiled and tried on
+/// representative data); then checks its paths on this machine. `check` treats the
+/// preflight's errors as errors; `run` and `once` log them and go on (the daemon retries a
+/// failed write, and a directory may appear later).
 fn load(path: &Path) -> Result<Loaded, String> {
     let cfg = config::load_file(path).map_err(|e| e.to_string())?;
     let mut problems = upstreamd::sources::check(&cfg);
@@ -124,12 +126,11 @@ fn load(path: &Path) -> Result<Loaded, String> {
         problems.push(format!("nginx.template: {e}"));
     }
     let preflight = config::preflight(&cfg, std::env::var("PATH").ok().as_deref());
-    problems.extend(preflight.errors);
     match renderer {
         Ok(renderer) if problems.is_empty() => Ok(Loaded {
             cfg,
             renderer,
-            warnings: preflight.warnings,
+            preflight,
         }),
         _ => Err(problems.join("\n")),
     }
@@ -152,8 +153,19 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => match load_or_exit(&config) {
+            Ok(loaded) if !loaded.preflight.errors.is_empty() => {
+                eprintln!(
+                    "{}: invalid config:\n{}",
+                    config.display(),
+                    loaded.preflight.errors.join("\n")
+                );
+                for warning in &loaded.preflight.warnings {
+                    eprintln!("{}: warning: {warning}", config.display());
+                }
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
             Ok(loaded) => {
-                for warning in &loaded.warnings {
+                for warning in &loaded.preflight.warnings {
                     eprintln!("{}: warning: {warning}", config.display());
                 }
                 println!(
@@ -173,7 +185,7 @@ async fn main() -> ExitCode {
             init_logging(log_format);
             match load_or_exit(&config) {
                 Ok(loaded) => {
-                    log_warnings(&config, &loaded.warnings);
+                    log_preflight(&config, &loaded.preflight);
                     once(loaded.cfg, loaded.renderer, dry_run).await
                 }
                 Err(code) => Ok(code),
@@ -183,7 +195,7 @@ async fn main() -> ExitCode {
             init_logging(log_format);
             match load_or_exit(&config) {
                 Ok(loaded) => {
-                    log_warnings(&config, &loaded.warnings);
+                    log_preflight(&config, &loaded.preflight);
                     run(config, loaded.cfg, loaded.renderer).await
                 }
                 Err(code) => Ok(code),
@@ -204,9 +216,10 @@ async fn main() -> ExitCode {
     });
 }
 
-fn log_warnings(path: &Path, warnings: &[String]) {
-    for warning in warnings {
-        tracing::warn!(config = %path.display(), %warning, "The config may not work on this machine.");
+fn log_preflight(path: &Path, preflight: &config::Preflight) {
+    for problem in preflight.errors.iter().chain(&preflight.warnings) {
+        tracing::warn!(config = %path.display(), %problem,
+            "The config may not work on this machine (`upstreamd check` reports this too).");
     }
 }
 
@@ -287,7 +300,7 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
                     }
                     match load(&path) {
                         Ok(loaded) => {
-                            log_warnings(&path, &loaded.warnings);
+                            log_preflight(&path, &loaded.preflight);
                             if reload_tx.send(loaded.cfg).await.is_err() {
                                 break;
                             }

@@ -143,7 +143,8 @@ fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
     let mut idle = TcpStream::connect(&s.admin).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    idle.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
     conns.push(idle);
     // The cap is full of stalled heads; each is closed once its head read times out.
     wait_closed("every stalled head closed", &mut conns, 4, SHORT);
@@ -307,7 +308,7 @@ fn check_refuses_an_endless_config_file_at_once() {
     let (code, _, stderr) = upstreamd(&["check", "--config", "/dev/zero"]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("failed to read `/dev/zero`: it is larger than 1024 KiB"),
+        stderr.contains("failed to read `/dev/zero`: it is larger than 16 MiB"),
         "{stderr}"
     );
 }

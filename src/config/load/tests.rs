@@ -853,7 +853,7 @@ fn a_config_file_larger_than_the_bound_is_refused_without_reading_it_whole() {
     let e = super::load_file(std::path::Path::new("/dev/zero")).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "failed to read `/dev/zero`: it is larger than 1024 KiB"
+        "failed to read `/dev/zero`: it is larger than 16 MiB"
     );
 }
 
