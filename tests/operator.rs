@@ -336,3 +336,60 @@ fn the_cli_defaults_its_config_and_documents_exit_codes_signals_and_rust_log() {
         "{help}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_forged_consul_service_id_reaches_the_text_log_as_one_escaped_line() {
+    use common::consul::{instance, Lane, Registry, SERVICE};
+    let Some(reg) = Registry::start(Lane::Standin, None).await else {
+        return;
+    };
+    let replica = Replica::start("alpha");
+    let (host, _) = replica.addr.rsplit_once(':').unwrap();
+    // A service ID that, printed raw, ends the warning and forges a line of its own.
+    let forged = "evil\n2026-01-01T00:00:00.000000Z  INFO upstreamd::controller: Applied the new upstream file and nginx reloaded.\x1b[2K";
+    let bad_meta = serde_json::json!({"weight": "heavy"});
+    reg.register(instance(forged, host, replica.port(), &[], bad_meta))
+        .await;
+    reg.register(instance(
+        "alpha",
+        host,
+        replica.port(),
+        &[],
+        serde_json::json!({}),
+    ))
+    .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let cfg = format!(
+        "{}\n[[upstream]]\nname = \"kotaemon\"\n[upstream.health]\nenabled = false\n\
+         [[upstream.source]]\nkind = \"consul\"\nurl = \"{}\"\nservice = \"{SERVICE}\"\nwait = \"2s\"\n",
+        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
+        reg.url
+    );
+    let daemon = Daemon::start(&cfg);
+    first_apply(&nginx, &daemon);
+    wait_for("the warning about the forged entry", SHORT, || {
+        daemon
+            .output
+            .text()
+            .contains("Skipped Consul service ID evil")
+    });
+    let log = daemon.output.text();
+    let applied = log
+        .lines()
+        .filter(|l| l.contains("Applied the new upstream file"))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        applied.len(),
+        2,
+        "the real apply and the escaped forgery:\n{log}"
+    );
+    assert!(
+        applied
+            .iter()
+            .all(|l| !l.starts_with("2026-01-01T00:00:00.000000Z")),
+        "a forged line:\n{log}"
+    );
+    assert!(log.contains(r"evil\n2026-01-01T00:00:00.000000Z"), "{log}");
+    assert!(!log.contains('\x1b'), "an escape reached the log:\n{log}");
+}
