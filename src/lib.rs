@@ -15,6 +15,7 @@
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.
 //! - [`notify`]: systemd readiness, status and watchdog notifications.
 //! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
+//! - [`logging`]: text-log fields with every control character escaped.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod controller;
 pub mod decide;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nginx;

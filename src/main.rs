@@ -14,14 +14,35 @@ use tokio_util::sync::CancellationToken;
 
 use upstreamd::config::{self, Config};
 use upstreamd::controller::{Controller, Mode, Outcome};
+use upstreamd::logging::EscapedFields;
 use upstreamd::metrics::Metrics;
 use upstreamd::nginx::{self, SystemNginx};
 use upstreamd::notify::Notifier;
 use upstreamd::render::Renderer;
 
+/// What `--help` adds after the commands.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  ok
+  1  runtime failure (once: could not gather or apply in time)
+  2  usage or config error (check lists every problem)
+
+Signals (run):
+  SIGHUP           re-read the config; a broken one is refused and the running one kept
+  SIGTERM, SIGINT  stop within 5 s, leaving the include file as it is
+  SIGUSR1, SIGUSR2 ignored (logged)
+
+Environment:
+  RUST_LOG           log filter, e.g. RUST_LOG=upstreamd=debug (default: info)
+  CONSUL_HTTP_ADDR   default Consul url; CONSUL_HTTP_TOKEN: default Consul token
+  NOTIFY_SOCKET      set by systemd (Type=notify): readiness, status and watchdog";
+
+/// The config file every example uses.
+const DEFAULT_CONFIG: &str = "/etc/upstreamd/upstreamd.toml";
+
 /// Keeps an nginx upstream include file true to Consul, etcd or a static list.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +53,7 @@ enum Command {
     /// Run the daemon.
     Run {
         /// The config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Log as text (default) or one JSON object per line.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -41,7 +62,7 @@ enum Command {
     /// One full cycle: gather, probe once, render, apply; then exit.
     Once {
         /// The config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Print the file instead of writing it; touch nothing.
         #[arg(long)]
@@ -50,11 +71,14 @@ enum Command {
         /// (for the first include, before nginx runs a site that uses it).
         #[arg(long, conflicts_with = "dry_run")]
         no_reload: bool,
+        /// Log as text (default) or one JSON object per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
-    /// Validate the config file, reporting every problem at once.
+    /// Validate the config file, its template and its paths, reporting every problem at once.
     Check {
         /// The config file.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -79,7 +103,7 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields).init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
@@ -88,25 +112,45 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Loads and fully validates a config: the file and its template.
-fn load(path: &Path) -> Result<(Config, Renderer), String> {
+/// A valid config, with what its preflight on this machine found.
+struct Loaded {
+    cfg: Config,
+    renderer: Renderer,
+    preflight: config::Preflight,
+}
+
+/// Loads and fully validates a config: the file and its template (compiled and tried on
+/// representative data); then checks its paths on this machine. `check` treats the
+/// preflight's errors as errors; `run` and `once` log them and go on (the daemon retries a
+/// failed write, and a directory may appear later).
+fn load(path: &Path) -> Result<Loaded, String> {
     let cfg = config::load_file(path).map_err(|e| e.to_string())?;
     let mut problems = upstreamd::sources::check(&cfg);
-    let renderer = Renderer::new(cfg.nginx.template.as_deref());
+    let renderer = Renderer::checked(cfg.nginx.template.as_deref());
     if let Err(e) = &renderer {
         problems.push(format!("nginx.template: {e}"));
     }
+    let preflight = config::preflight(&cfg, std::env::var("PATH").ok().as_deref());
     match renderer {
-        Ok(renderer) if problems.is_empty() => Ok((cfg, renderer)),
+        Ok(renderer) if problems.is_empty() => Ok(Loaded {
+            cfg,
+            renderer,
+            preflight,
+        }),
         _ => Err(problems.join("\n")),
     }
 }
 
-fn load_or_exit(path: &Path) -> Result<(Config, Renderer), ExitCode> {
+fn load_or_exit(path: &Path) -> Result<Loaded, ExitCode> {
     load(path).map_err(|errors| {
         eprintln!("{}: invalid config:\n{errors}", path.display());
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// `N upstream` or `N upstreams`.
+fn upstreams(n: usize) -> String {
+    format!("{n} upstream{}", if n == 1 { "" } else { "s" })
 }
 
 #[tokio::main]
@@ -114,11 +158,25 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => match load_or_exit(&config) {
-            Ok((cfg, _)) => {
-                println!(
-                    "{}: ok ({} upstreams)",
+            Ok(loaded) if !loaded.preflight.errors.is_empty() => {
+                eprintln!(
+                    "{}: invalid config:\n{}",
                     config.display(),
-                    cfg.upstreams.len()
+                    loaded.preflight.errors.join("\n")
+                );
+                for warning in &loaded.preflight.warnings {
+                    eprintln!("{}: warning: {warning}", config.display());
+                }
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
+            Ok(loaded) => {
+                for warning in &loaded.preflight.warnings {
+                    eprintln!("{}: warning: {warning}", config.display());
+                }
+                println!(
+                    "{}: ok ({})",
+                    config.display(),
+                    upstreams(loaded.cfg.upstreams.len())
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -128,17 +186,24 @@ async fn main() -> ExitCode {
             config,
             dry_run,
             no_reload,
+            log_format,
         } => {
-            init_logging(LogFormat::Text);
+            init_logging(log_format);
             match load_or_exit(&config) {
-                Ok((cfg, renderer)) => once(cfg, renderer, dry_run, no_reload).await,
+                Ok(loaded) => {
+                    log_preflight(&config, &loaded.preflight);
+                    once(loaded.cfg, loaded.renderer, dry_run, no_reload).await
+                }
                 Err(code) => Ok(code),
             }
         }
         Command::Run { config, log_format } => {
             init_logging(log_format);
             match load_or_exit(&config) {
-                Ok((cfg, renderer)) => run(config, cfg, renderer).await,
+                Ok(loaded) => {
+                    log_preflight(&config, &loaded.preflight);
+                    run(config, loaded.cfg, loaded.renderer).await
+                }
                 Err(code) => Ok(code),
             }
         }
@@ -155,6 +220,33 @@ async fn main() -> ExitCode {
     } else {
         1
     });
+}
+
+fn log_preflight(path: &Path, preflight: &config::Preflight) {
+    for problem in preflight.errors.iter().chain(&preflight.warnings) {
+        tracing::warn!(config = %path.display(), %problem,
+            "The config may not work on this machine (`upstreamd check` reports this too).");
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (as nginx's `worker_rlimit_nofile` would),
+/// and returns the limit in force, so the admin server can leave the daemon its reserve.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "Could not raise the open-file limit.");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(error) => {
+            tracing::warn!(%error, "Could not read the open-file limit; assuming 1024.");
+            1024
+        }
+    }
 }
 
 async fn once(
@@ -195,11 +287,15 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
         Ok(n) => tracing::info!(removed = n, "Removed temp files left by an earlier run."),
         Err(error) => tracing::warn!(%error, "Could not clean leftover temp files."),
     }
+    let nofile = raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = mpsc::channel(4);
     let mut term = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("failed to listen for SIGHUP")?;
+    // Listening replaces the default action (terminate), so a stray SIGUSR1/2 is only logged.
+    let mut usr1 = signal(SignalKind::user_defined1()).context("failed to listen for SIGUSR1")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("failed to listen for SIGUSR2")?;
     let stop = shutdown.clone();
     let notifier = Notifier::from_env();
     let hup_notifier = notifier.clone();
@@ -208,13 +304,16 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = usr1.recv() => tracing::info!(signal = "SIGUSR1", "Ignoring the signal: it has no meaning for upstreamd (SIGHUP re-reads the config)."),
+                _ = usr2.recv() => tracing::info!(signal = "SIGUSR2", "Ignoring the signal: it has no meaning for upstreamd (SIGHUP re-reads the config)."),
                 _ = hup.recv() => {
                     if let Err(error) = hup_notifier.reloading() {
                         tracing::warn!(%error, "Could not notify systemd of the reload.");
                     }
                     match load(&path) {
-                        Ok((cfg, _)) => {
-                            if reload_tx.send(cfg).await.is_err() {
+                        Ok(loaded) => {
+                            log_preflight(&path, &loaded.preflight);
+                            if reload_tx.send(loaded.cfg).await.is_err() {
                                 break;
                             }
                         }
@@ -234,17 +333,29 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     });
     let nginx = SystemNginx::new(&cfg.nginx);
     let metrics = Arc::new(Metrics::new());
-    let admin = cfg.admin.listen;
+    let admin = cfg.admin.clone();
     let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
         .with_notifier(notifier);
-    if let Some(addr) = admin {
+    if let Some(addr) = admin.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("failed to listen on admin address {addr}"))?;
-        tracing::info!(%addr, "Admin server listening.");
+        let limits = upstreamd::admin::Limits {
+            max_connections: upstreamd::admin::connection_cap(admin.max_connections, nofile),
+            header_read_timeout: admin.header_read_timeout,
+        };
+        if limits.max_connections < admin.max_connections {
+            tracing::warn!(configured = admin.max_connections, allowed = limits.max_connections, nofile,
+                "The open-file limit is low: fewer admin connections are allowed, so the daemon keeps its reserve.");
+        }
+        tracing::info!(%addr, max_connections = limits.max_connections,
+            header_read_timeout = %humantime::format_duration(limits.header_read_timeout),
+            "Admin server listening.");
         let (handle, stop) = (controller.handle(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = upstreamd::admin::serve(listener, handle, metrics, stop).await {
+            if let Err(error) =
+                upstreamd::admin::serve(listener, handle, metrics, stop, limits).await
+            {
                 tracing::error!(%error, "Admin server failed.");
             }
         });

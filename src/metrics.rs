@@ -1,7 +1,9 @@
 //! Prometheus metrics: a small registry of counters, gauges and histograms, rendered as text.
 //!
 //! The metric names and labels are a contract (README, "Metrics"). Label values are bounded:
-//! upstream and source names, states and results — never an endpoint address.
+//! upstream and source names, states and results — never an endpoint address. Every known
+//! label value is exported at 0 from the start (global ones by [`Metrics::new`], an
+//! upstream's by [`Metrics::declare_upstream`]), so `increase(...) > 0` sees the first event.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -42,7 +44,12 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "upstreamd_registry_entries_skipped_total",
         "counter",
-        "Registry entries skipped as invalid.",
+        "Registry entries skipped as invalid, each counted when it first appears.",
+    ),
+    (
+        "upstreamd_registry_entries_skipped",
+        "gauge",
+        "Registry entries skipped as invalid in the source's latest snapshot.",
     ),
     (
         "upstreamd_renders_total",
@@ -79,7 +86,25 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "gauge",
         "1 while a large drop of endpoints is held for confirmation.",
     ),
+    (
+        "upstreamd_admin_connections_refused_total",
+        "counter",
+        "Admin connections closed at once because max_connections were open.",
+    ),
 ];
+
+/// Every `result` of `upstreamd_reloads_total`.
+pub const RELOAD_RESULTS: &[&str] = &[
+    "ok",
+    "test_failed",
+    "signal_failed",
+    "unconfirmed",
+    "write_failed",
+];
+/// Every `result` of `upstreamd_probes_total`.
+pub const PROBE_RESULTS: &[&str] = &["ok", "bad_status", "timeout", "error"];
+/// Every `state` of `upstreamd_endpoints`, the words used everywhere for probe health.
+pub const HEALTH_STATES: &[&str] = &["healthy", "unhealthy", "unknown"];
 
 const PROBE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -115,7 +140,7 @@ fn labels(pairs: &[(&'static str, &str)]) -> Labels {
 }
 
 impl Metrics {
-    /// A registry with `upstreamd_build_info` set.
+    /// A registry with `upstreamd_build_info` set and every global series at 0.
     pub fn new() -> Self {
         let m = Self::default();
         m.set(
@@ -123,7 +148,60 @@ impl Metrics {
             &[("version", env!("CARGO_PKG_VERSION"))],
             1.0,
         );
+        for result in RELOAD_RESULTS {
+            m.add("upstreamd_reloads_total", &[("result", result)], 0.0);
+        }
+        for result in ["changed", "unchanged", "error"] {
+            m.add("upstreamd_renders_total", &[("result", result)], 0.0);
+        }
+        m.set("upstreamd_apply_pending", &[], 0.0);
+        m.set("upstreamd_apply_failures_consecutive", &[], 0.0);
+        m.add("upstreamd_admin_connections_refused_total", &[], 0.0);
+        m.declare_histogram("upstreamd_reload_duration_seconds", &[]);
         m
+    }
+
+    /// Exports every series of an upstream and its sources (labelled `sources`) at 0 unless
+    /// it already has a value, so a restarted upstream keeps its counts.
+    pub fn declare_upstream(&self, upstream: &str, sources: &[String]) {
+        let u = ("upstream", upstream);
+        for state in HEALTH_STATES {
+            self.add("upstreamd_endpoints", &[u, ("state", state)], 0.0);
+        }
+        for to in ["healthy", "unhealthy"] {
+            self.add("upstreamd_health_transitions_total", &[u, ("to", to)], 0.0);
+        }
+        for result in PROBE_RESULTS {
+            self.add("upstreamd_probes_total", &[u, ("result", result)], 0.0);
+        }
+        self.declare_histogram("upstreamd_probe_duration_seconds", &[u]);
+        self.add("upstreamd_shrink_held", &[u], 0.0);
+        for source in sources {
+            let labels = [u, ("source", source.as_str())];
+            for name in [
+                "upstreamd_source_up",
+                "upstreamd_source_updates_total",
+                "upstreamd_registry_entries_skipped_total",
+                "upstreamd_registry_entries_skipped",
+            ] {
+                self.add(name, &labels, 0.0);
+            }
+        }
+    }
+
+    /// Records how many entries a source's latest snapshot skipped: the gauge says how many
+    /// now, and the counter grows by how many more than in the previous snapshot, so an entry
+    /// that stays invalid across snapshots is counted once.
+    pub fn skipped_now(&self, pairs: &[(&'static str, &str)], skipped: usize) {
+        let key = labels(pairs);
+        self.with(|i| {
+            let gauge = ("upstreamd_registry_entries_skipped", key.clone());
+            let before = i.values.insert(gauge, skipped as f64).unwrap_or(0.0);
+            let new = (skipped as f64 - before).max(0.0);
+            *i.values
+                .entry(("upstreamd_registry_entries_skipped_total", key))
+                .or_insert(0.0) += new;
+        });
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
@@ -150,30 +228,45 @@ impl Metrics {
 
     /// Removes every series of `name` whose labels include `pair` (for a removed upstream).
     pub fn forget(&self, name: &'static str, pair: (&'static str, &str)) {
+        let matches =
+            |n: &&str, l: &Labels| *n == name && l.iter().any(|(k, v)| *k == pair.0 && v == pair.1);
         self.with(|i| {
-            i.values.retain(|(n, l), _| {
-                !(*n == name && l.iter().any(|(k, v)| *k == pair.0 && v == pair.1))
-            })
+            i.values.retain(|(n, l), _| !matches(n, l));
+            i.histograms.retain(|(n, l), _| !matches(n, l));
         });
     }
 
-    /// Records one observation in a histogram, in seconds.
-    pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], secs: f64) {
+    fn histogram<'i>(
+        i: &'i mut Inner,
+        name: &'static str,
+        pairs: &[(&'static str, &str)],
+    ) -> &'i mut Histogram {
         let buckets = if name == "upstreamd_probe_duration_seconds" {
             PROBE_BUCKETS
         } else {
             RELOAD_BUCKETS
         };
+        i.histograms
+            .entry((name, labels(pairs)))
+            .or_insert_with(|| Histogram {
+                buckets,
+                counts: vec![0; buckets.len()],
+                sum: 0.0,
+                count: 0,
+            })
+    }
+
+    /// Exports a histogram with no observations (every bucket 0) unless it has some.
+    fn declare_histogram(&self, name: &'static str, pairs: &[(&'static str, &str)]) {
         self.with(|i| {
-            let h = i
-                .histograms
-                .entry((name, labels(pairs)))
-                .or_insert_with(|| Histogram {
-                    buckets,
-                    counts: vec![0; buckets.len()],
-                    sum: 0.0,
-                    count: 0,
-                });
+            Self::histogram(i, name, pairs);
+        });
+    }
+
+    /// Records one observation in a histogram, in seconds.
+    pub fn observe(&self, name: &'static str, pairs: &[(&'static str, &str)], secs: f64) {
+        self.with(|i| {
+            let h = Self::histogram(i, name, pairs);
             for (b, c) in h.buckets.iter().zip(h.counts.iter_mut()) {
                 if secs <= *b {
                     *c += 1;
@@ -266,6 +359,79 @@ mod tests {
         assert!(text.contains("upstreamd_reload_duration_seconds_count 1\n"));
         assert!(text.contains("upstreamd_build_info{version=\""));
         assert!(text.contains("# TYPE upstreamd_probes_total counter\n"));
+    }
+
+    #[test]
+    fn a_fresh_registry_exports_every_reload_result_at_zero() {
+        let text = Metrics::new().render();
+        for result in RELOAD_RESULTS {
+            assert!(
+                text.contains(&format!(
+                    "upstreamd_reloads_total{{result=\"{result}\"}} 0\n"
+                )),
+                "{text}"
+            );
+        }
+        assert!(text.contains("upstreamd_renders_total{result=\"changed\"} 0\n"));
+        assert!(text.contains("upstreamd_reload_duration_seconds_count 0\n"));
+    }
+
+    #[test]
+    fn a_declared_upstream_exports_every_series_at_zero() {
+        let m = Metrics::new();
+        m.declare_upstream("k", &["consul".into()]);
+        let text = m.render();
+        for series in [
+            "upstreamd_endpoints{upstream=\"k\",state=\"unhealthy\"} 0\n",
+            "upstreamd_health_transitions_total{upstream=\"k\",to=\"unhealthy\"} 0\n",
+            "upstreamd_probes_total{upstream=\"k\",result=\"timeout\"} 0\n",
+            "upstreamd_probe_duration_seconds_count{upstream=\"k\"} 0\n",
+            "upstreamd_source_up{upstream=\"k\",source=\"consul\"} 0\n",
+            "upstreamd_registry_entries_skipped_total{upstream=\"k\",source=\"consul\"} 0\n",
+            "upstreamd_registry_entries_skipped{upstream=\"k\",source=\"consul\"} 0\n",
+            "upstreamd_shrink_held{upstream=\"k\"} 0\n",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn declaring_an_upstream_again_keeps_its_counts() {
+        let m = Metrics::new();
+        m.declare_upstream("k", &[]);
+        m.inc(
+            "upstreamd_probes_total",
+            &[("upstream", "k"), ("result", "ok")],
+        );
+        m.declare_upstream("k", &[]);
+        assert_eq!(
+            m.value(
+                "upstreamd_probes_total",
+                &[("upstream", "k"), ("result", "ok")]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn entries_skipped_in_every_snapshot_are_counted_once() {
+        let m = Metrics::new();
+        let l = [("upstream", "k"), ("source", "consul")];
+        for _ in 0..3 {
+            m.skipped_now(&l, 15);
+        }
+        assert_eq!(
+            m.value("upstreamd_registry_entries_skipped_total", &l),
+            15.0
+        );
+        assert_eq!(m.value("upstreamd_registry_entries_skipped", &l), 15.0);
+        m.skipped_now(&l, 2);
+        m.skipped_now(&l, 4);
+        assert_eq!(
+            m.value("upstreamd_registry_entries_skipped_total", &l),
+            17.0
+        );
+        assert_eq!(m.value("upstreamd_registry_entries_skipped", &l), 4.0);
     }
 
     #[test]

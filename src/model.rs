@@ -23,7 +23,7 @@ pub enum ValueError {
     #[error("port in {0:?} must be a number from 1 to 65535")]
     BadPort(String),
     /// A number outside its allowed range.
-    #[error("{field} = {value:?} must be a whole number from {min} to {max}")]
+    #[error("{field} = {value:?} must be {}", expected_number(.field, *.min, *.max))]
     OutOfRange {
         /// The attribute's name.
         field: &'static str,
@@ -115,8 +115,30 @@ fn is_rfc1123_hostname(s: &str) -> bool {
     })
 }
 
+/// What an [`ValueError::OutOfRange`] value should have been.
+fn expected_number(field: &str, min: u64, max: u64) -> String {
+    match field {
+        "fail_timeout" => format!(
+            "whole seconds from {min} to {max}, or a duration in whole seconds such as \"10s\""
+        ),
+        _ => format!("a whole number from {min} to {max}"),
+    }
+}
+
+/// A JSON value as the user wrote it: a string without its quotes, anything else as JSON.
+fn json_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn parse_port(s: &str, whole: &str) -> Result<u16, ValueError> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    // Anything after the colon that is not digits (`7860 down`) is not a port at all.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ValueError::BadAddress(whole.to_owned()));
+    }
+    if s.len() > 5 {
         return Err(ValueError::BadPort(whole.to_owned()));
     }
     match s.parse::<u16>() {
@@ -270,7 +292,7 @@ fn json_u64(
         Some(n) => check_range(field, n, min, max),
         None => Err(ValueError::OutOfRange {
             field,
-            value: v.to_string(),
+            value: json_text(v),
             min,
             max,
         }),
@@ -291,7 +313,7 @@ fn check_secs(d: Duration, v: &serde_json::Value) -> Result<u64, ValueError> {
     if secs > MAX_FAIL_TIMEOUT_SECS || d.subsec_nanos() != 0 {
         return Err(ValueError::OutOfRange {
             field: "fail_timeout",
-            value: v.to_string(),
+            value: json_text(v),
             min: 0,
             max: MAX_FAIL_TIMEOUT_SECS,
         });

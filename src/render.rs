@@ -12,6 +12,8 @@ use serde::Serialize;
 use crate::config::{AllUnhealthy, Balance};
 use crate::decide::{Desired, Verdict};
 
+mod trial;
+
 /// The built-in template, `templates/upstream.conf.j2`.
 pub const BUILTIN_TEMPLATE: &str = include_str!("../templates/upstream.conf.j2");
 
@@ -32,14 +34,46 @@ pub enum RenderError {
         source: std::io::Error,
     },
     /// The template does not compile or failed while rendering.
-    #[error("template error: {0:#}")]
+    #[error("{}", describe(.0))]
     Template(#[from] minijinja::Error),
+    /// The template compiles but fails on representative data (`check` and SIGHUP try it).
+    #[error("{error} (rendering {case})", error = describe(.error))]
+    Trial {
+        /// Which representative data failed, e.g. `1 server, balance "sticky"`.
+        case: String,
+        /// minijinja's error, with the template name, line and source span.
+        error: minijinja::Error,
+    },
+}
+
+/// One line naming the template, the line, the failing expression and what went wrong:
+/// ``template `/etc/upstreamd/t.j2` line 3: `u.nmae` is undefined``.
+fn describe(e: &minijinja::Error) -> String {
+    let at = match (e.name(), e.line()) {
+        (Some(name), Some(line)) => format!("template `{name}` line {line}: "),
+        (Some(name), None) => format!("template `{name}`: "),
+        _ => "template: ".to_owned(),
+    };
+    let expr = e
+        .template_source()
+        .zip(e.range())
+        .and_then(|(src, r)| src.get(r))
+        .map(|x| x.trim().replace('\n', " "));
+    let what = match (e.kind(), &expr) {
+        (minijinja::ErrorKind::UndefinedError, Some(x)) => format!("`{x}` is undefined"),
+        (_, Some(x)) => format!("{} in `{x}`", e.detail().unwrap_or(&e.kind().to_string())),
+        (_, None) => e
+            .detail()
+            .map_or_else(|| e.kind().to_string(), str::to_owned),
+    };
+    format!("{at}{what}")
 }
 
 /// A compiled template.
 #[derive(Debug)]
 pub struct Renderer {
     env: Environment<'static>,
+    name: String,
 }
 
 #[derive(Serialize)]
@@ -82,25 +116,42 @@ pub fn zone_size<'a>(addresses: impl IntoIterator<Item = &'a str>) -> String {
 impl Renderer {
     /// Compiles the template at `path`, or the built-in one.
     pub fn new(path: Option<&Path>) -> Result<Self, RenderError> {
-        let source = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| RenderError::Read {
-                path: p.display().to_string(),
-                source,
-            })?,
-            None => BUILTIN_TEMPLATE.to_owned(),
-        };
-        Self::from_source(source)
+        match path {
+            Some(p) => {
+                let source = std::fs::read_to_string(p).map_err(|source| RenderError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Self::named(p.display().to_string(), source)
+            }
+            None => Self::from_source(BUILTIN_TEMPLATE.to_owned()),
+        }
+    }
+
+    /// Compiles the template at `path` (or the built-in one) and renders it once for each
+    /// representative upstream (0, 1 and many servers; every balance; down, backup, every
+    /// policy), so that a template reading an undefined field is refused before it is used.
+    /// What `check` and a SIGHUP reload use.
+    pub fn checked(path: Option<&Path>) -> Result<Self, RenderError> {
+        let renderer = Self::new(path)?;
+        trial::try_render(&renderer)?;
+        Ok(renderer)
     }
 
     /// Compiles template text.
     pub fn from_source(source: String) -> Result<Self, RenderError> {
+        Self::named(TEMPLATE_NAME.to_owned(), source)
+    }
+
+    /// Compiles template text under `name` (the file's path, shown in errors).
+    fn named(name: String, source: String) -> Result<Self, RenderError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.add_template_owned(TEMPLATE_NAME, source)?;
-        Ok(Self { env })
+        env.add_template_owned(name.clone(), source)?;
+        Ok(Self { env, name })
     }
 
     /// Renders the whole include file for these upstreams, given in config order.
@@ -140,7 +191,7 @@ impl Renderer {
                 }
             })
             .collect();
-        let tmpl = self.env.get_template(TEMPLATE_NAME)?;
+        let tmpl = self.env.get_template(&self.name)?;
         Ok(tmpl.render(
             minijinja::context! { upstreams => ctx, version => env!("CARGO_PKG_VERSION") },
         )?)

@@ -68,7 +68,7 @@ fn admin_endpoints_report_state_metrics_and_transitions() {
     assert_eq!(eps.len(), 2);
     for e in eps {
         assert_eq!(e["rendered"], "up");
-        assert_eq!(e["health"], "up");
+        assert_eq!(e["health"], "healthy");
         assert_eq!(e["last_probe"]["result"], "ok");
     }
     assert_eq!(st["upstreams"][0]["sources"][0]["label"], "static");
@@ -115,6 +115,7 @@ fn admin_endpoints_report_state_metrics_and_transitions() {
         .clone();
     assert_eq!(alpha["address"], s.replicas[0].addr.as_str());
     assert_eq!(alpha["last_probe"]["detail"], "status 503");
+    assert_eq!(alpha["why"], "its health probe failed: status 503");
     assert!(
         alpha["last_transition"]["why"]
             .as_str()

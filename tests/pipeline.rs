@@ -98,7 +98,7 @@ fn a_single_failed_probe_below_fall_reloads_nothing() {
     assert_eq!(nginx.reloads(), 1);
     assert!(!nginx.rendered().contains(" down;"));
     assert!(
-        !daemon.output.text().contains("to=down"),
+        !daemon.output.text().contains("to=unhealthy"),
         "no endpoint went down:\n{}",
         daemon.output.text()
     );
@@ -311,7 +311,7 @@ fn json_logs_are_one_object_per_line_naming_what_changed() {
         .collect();
     let flip = lines
         .iter()
-        .find(|l| l["message"] == "Endpoint health changed." && l["to"] == "down")
+        .find(|l| l["message"] == "Endpoint health changed." && l["to"] == "unhealthy")
         .expect("a health flip line");
     assert_eq!(flip["endpoint"], replicas[1].addr.as_str());
     assert_eq!(flip["upstream"], "kotaemon");

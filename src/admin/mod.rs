@@ -2,18 +2,26 @@
 //!
 //! Read-only. It binds where `[admin] listen` says (loopback in every example) and takes its
 //! listener from the caller, so tests bind `127.0.0.1:0`.
+//!
+//! It cannot starve the daemon: at most `max_connections` connections are open at once (one
+//! more is closed as soon as it is accepted), a request head must arrive within
+//! `header_read_timeout`, and the cap leaves [`RESERVED_FDS`] of the process's file
+//! descriptors to probes, sources and applies (see [`connection_cap`]).
 
 mod page;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::status::ControllerHandle;
@@ -42,16 +50,110 @@ pub fn router(controller: ControllerHandle, metrics: Arc<Metrics>) -> Router {
         })
 }
 
-/// Serves the admin routes on `listener` until `shutdown`.
+/// File descriptors the admin server never takes: one probe connection each for the 512
+/// probes that may run at once, and 128 for sources, the include file, `nginx -t` and logs.
+pub const RESERVED_FDS: u64 = 512 + 128;
+
+/// The fewest admin connections allowed, however low the descriptor limit.
+const MIN_CONNECTIONS: usize = 4;
+
+/// How long the accept loop pauses after an accept error (such as "Too many open files").
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How often a refused connection or an accept error is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How many admin connections may be open at once: `configured`, but never so many that
+/// they would eat into the [`RESERVED_FDS`] below the process's open-file limit `nofile`.
+pub fn connection_cap(configured: usize, nofile: u64) -> usize {
+    let spare = nofile.saturating_sub(RESERVED_FDS);
+    let spare = usize::try_from(spare).unwrap_or(usize::MAX);
+    configured.min(spare).max(MIN_CONNECTIONS)
+}
+
+/// Connection limits of the admin server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head by then is closed.
+    pub header_read_timeout: Duration,
+}
+
+/// Logs at most once per [`LOG_EVERY`], with how many times it happened in between.
+#[derive(Debug, Default)]
+struct Throttled {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Throttled {
+    /// Counts one occurrence; `Some(count)` when it is time to log.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|l| now.duration_since(l) < LOG_EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Serves the admin routes on `listener` until `shutdown`, within `limits`.
 pub async fn serve(
     listener: TcpListener,
     controller: ControllerHandle,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    limits: Limits,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(controller, metrics))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let service = TowerToHyperService::new(router(controller, Arc::clone(&metrics)));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let (mut refused, mut failed) = (Throttled::default(), Throttled::default());
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                if let Some(times) = failed.hit(Instant::now()) {
+                    tracing::warn!(%error, times, "The admin server could not accept a connection; pausing briefly.");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            drop(stream);
+            metrics.inc("upstreamd_admin_connections_refused_total", &[]);
+            if let Some(times) = refused.hit(Instant::now()) {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    times,
+                    "Admin connections are at their cap; closing new ones at once."
+                );
+            }
+            continue;
+        };
+        let (service, stop) = (service.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                // A failed connection (a timeout, a reset) concerns only its client.
+                _ = connection => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
 }
 
 fn unavailable(what: &str) -> Response {
@@ -96,4 +198,35 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_is_the_configured_one_when_descriptors_are_plenty() {
+        assert_eq!(connection_cap(64, 1_048_576), 64);
+    }
+
+    #[test]
+    fn the_cap_leaves_the_reserved_descriptors_to_the_daemon() {
+        assert_eq!(connection_cap(1_000, 1024), 1024 - RESERVED_FDS as usize);
+        assert_eq!(connection_cap(64, 700), 60);
+    }
+
+    #[test]
+    fn the_cap_never_drops_below_a_few_connections() {
+        assert_eq!(connection_cap(64, 256), MIN_CONNECTIONS);
+    }
+
+    #[test]
+    fn throttled_logs_the_first_then_once_per_interval_with_the_count() {
+        let mut t = Throttled::default();
+        let t0 = Instant::now();
+        assert_eq!(t.hit(t0), Some(1));
+        assert_eq!(t.hit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.hit(t0 + Duration::from_secs(2)), None);
+        assert_eq!(t.hit(t0 + LOG_EVERY + Duration::from_secs(1)), Some(3));
+    }
 }

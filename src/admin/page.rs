@@ -44,28 +44,28 @@ fn endpoint_row(e: &EndpointStatus) -> String {
     });
     let transition = e.last_transition.as_ref().map_or("—".to_owned(), |t| {
         format!(
-            "{:?} → {:?}, {}: {}",
+            "{} → {}, {}: {}",
             t.from,
             t.to,
             secs(t.secs_ago),
             esc(&t.why)
         )
-        .to_lowercase()
     });
     let registry = match &e.registry {
         crate::model::RegistryState::Passing => "passing".to_owned(),
         crate::model::RegistryState::Critical(why) => format!("critical: {}", esc(why)),
     };
+    let why = e.why.as_deref().map(esc).unwrap_or_default();
     format!(
         "<tr class=\"endpoint\" data-address=\"{addr}\" data-rendered=\"{r}\"><td><code>{addr}</code></td>\
-         <td><span class=\"state {r}\">{r}</span></td><td><span class=\"state {hc}\">{health}</span></td>\
+         <td><span class=\"state {r}\">{r}</span></td><td class=\"why\">{why}</td><td><span class=\"state {hc}\">{health}</span></td>\
          <td>{registry}</td><td>{probe}</td><td>{transition}</td><td class=\"muted\">{origin}</td></tr>",
         addr = esc(&e.address.to_string()),
         r = e.rendered,
-        hc = match health.as_str() {
-            "up" => "up",
-            "down" => "down",
-            _ => "unknown",
+        hc = match e.health {
+            crate::health::Health::Up => "up",
+            crate::health::Health::Down => "down",
+            crate::health::Health::Unknown => "unknown",
         },
         origin = esc(&e.origin),
     )
@@ -111,12 +111,12 @@ fn upstream_section(u: &UpstreamStatus) -> String {
     for s in &u.sources {
         out.push_str(&source_row(s));
     }
-    out.push_str("</table><table><tr><th>endpoint</th><th>rendered</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
+    out.push_str("</table><table><tr><th>endpoint</th><th>rendered</th><th>why</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
     for e in &u.endpoints {
         out.push_str(&endpoint_row(e));
     }
     if u.endpoints.is_empty() {
-        out.push_str("<tr><td colspan=\"7\" class=\"muted\">nothing registered</td></tr>");
+        out.push_str("<tr><td colspan=\"8\" class=\"muted\">nothing registered</td></tr>");
     }
     out.push_str("</table>");
     out

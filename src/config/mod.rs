@@ -4,6 +4,7 @@
 //! `Config` that exists is a valid one.
 
 mod load;
+mod preflight;
 mod reader;
 mod sources;
 
@@ -13,7 +14,8 @@ use std::time::Duration;
 
 use crate::model::{Endpoint, UpstreamName};
 
-pub use load::{load_file, parse, ConfigError, ConfigErrors};
+pub use load::{load_file, parse, ConfigError, ConfigErrors, MAX_CONFIG_BYTES};
+pub use preflight::{find_program, preflight, Preflight};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,10 +55,37 @@ pub struct NginxConfig {
 }
 
 /// `[admin]`: the admin HTTP server.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     /// `listen`: address of `/`, `/healthz`, `/readyz`, `/status`, `/metrics`; off when absent.
     pub listen: Option<SocketAddr>,
+    /// `max_connections`: admin connections open at once, 1–10000; one more is closed as soon
+    /// as it is accepted; default 64 (lowered at start if the open-file limit is too low to
+    /// leave the daemon its reserve).
+    pub max_connections: usize,
+    /// `header_read_timeout`: a connection that has not sent a whole request head by then is
+    /// closed; default 5s.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_connections: default_admin_max_connections(),
+            header_read_timeout: default_admin_header_read_timeout(),
+        }
+    }
+}
+
+/// The default `[admin] max_connections`: 64.
+pub fn default_admin_max_connections() -> usize {
+    64
+}
+
+/// The default `[admin] header_read_timeout`: 5s.
+pub fn default_admin_header_read_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// How nginx picks a server (`balance`).

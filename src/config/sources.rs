@@ -207,7 +207,7 @@ fn consul_source(
     p: &mut Problems,
 ) -> Option<ConsulSource> {
     let url_given = s.has("url");
-    let url = s.get("url", p, |v| http_url(&string(v)?));
+    let url = s.get("url", p, |v| consul_url(&string(v)?));
     let url = if url_given {
         url
     } else {
@@ -265,14 +265,19 @@ fn consul_url_from_env(
     else {
         return Some("http://127.0.0.1:8500".into());
     };
-    let url = if addr.contains("://") {
-        addr.clone()
-    } else {
-        format!("http://{addr}")
-    };
-    http_url(&url)
+    consul_url(&addr)
         .map_err(|e| p.add(key_path, format!("from $CONSUL_HTTP_ADDR ({addr:?}): {e}")))
         .ok()
+}
+
+/// A Consul address: a base URL, or a bare `host:port` (the usual `CONSUL_HTTP_ADDR` form),
+/// which means `http://`.
+fn consul_url(addr: &str) -> Result<String, String> {
+    if addr.contains("://") {
+        http_url(addr)
+    } else {
+        http_url(&format!("http://{addr}"))
+    }
 }
 
 /// An `http://` or `https://` base URL, without a trailing `/`.

@@ -35,13 +35,7 @@ impl<N: Nginx> Controller<N> {
             SourceEvent::Snapshot { skipped, .. } => {
                 metrics.inc("upstreamd_source_updates_total", &labels);
                 metrics.set("upstreamd_source_up", &labels, 1.0);
-                if *skipped > 0 {
-                    metrics.add(
-                        "upstreamd_registry_entries_skipped_total",
-                        &labels,
-                        *skipped as f64,
-                    );
-                }
+                metrics.skipped_now(&labels, *skipped);
                 if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
                     tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
                 }

@@ -36,6 +36,7 @@ impl<N: Nginx> Controller<N> {
             &[("upstream", cfg.name.as_str())],
             0.0,
         );
+        self.metrics.declare_upstream(cfg.name.as_str(), &labels);
         let mut state = UpstreamState::new(cfg, labels);
         state.generation = self.generation;
         state.on_disk = self.on_disk_servers(&state.cfg.name);
@@ -103,7 +104,7 @@ impl<N: Nginx> Controller<N> {
     /// `state_dir` apply at once. A failed apply is retried at once. A template that does not
     /// load (`check` refuses it first) keeps the running config whole.
     pub(super) fn reconfigure(&mut self, mut cfg: Config) {
-        match Renderer::new(cfg.nginx.template.as_deref()) {
+        match Renderer::checked(cfg.nginx.template.as_deref()) {
             Ok(renderer) => self.renderer = renderer,
             Err(error) => {
                 tracing::error!(%error, "Refusing the new config: its template does not load; keeping the running one.");
@@ -187,6 +188,7 @@ impl<N: Nginx> Controller<N> {
                 "upstreamd_endpoints",
                 "upstreamd_source_up",
                 "upstreamd_shrink_held",
+                "upstreamd_registry_entries_skipped",
             ] {
                 self.metrics
                     .forget(family, ("upstream", gone.cfg.name.as_str()));

@@ -113,12 +113,15 @@ pub struct EndpointStatus {
     pub origin: String,
     /// What the registry says.
     pub registry: RegistryState,
-    /// What our probes say (`up` when probing is off).
+    /// What our probes say: `healthy`, `unhealthy` or `unknown` (`healthy` when probing is off).
     pub health: Health,
     /// How it is rendered: `up` or `down`.
     pub rendered: &'static str,
     /// Why.
     pub verdict: Verdict,
+    /// Why it is rendered `down` (or up despite failing probes), as a sentence; `None` for a
+    /// server that is up because it is healthy.
+    pub why: Option<String>,
     /// The last probe.
     pub last_probe: Option<LastProbe>,
     /// The last health transition.
@@ -164,6 +167,34 @@ pub(crate) struct LastApply {
     pub error: Option<String>,
 }
 
+/// Why a server is rendered as it is, as a sentence: who marked it down and with what.
+pub fn why(
+    verdict: Verdict,
+    registry: &RegistryState,
+    health: Health,
+    last_probe: Option<&LastProbe>,
+) -> Option<String> {
+    let probe = || match last_probe {
+        Some(p) => format!("its health probe failed: {}", p.detail),
+        None => "its health probe has not answered yet".to_owned(),
+    };
+    match verdict {
+        Verdict::Up => None,
+        Verdict::RegistryDown => Some(match registry {
+            RegistryState::Critical(reason) => format!("the registry marks it critical: {reason}"),
+            RegistryState::Passing => "the registry entry sets `down`".to_owned(),
+        }),
+        Verdict::ProbeDown if health == Health::Unknown => {
+            Some("its health probe has not answered yet".to_owned())
+        }
+        Verdict::ProbeDown => Some(probe()),
+        Verdict::FailOpen => Some(format!(
+            "{}; rendered up because every endpoint is unhealthy (on_all_unhealthy = fail_open)",
+            probe()
+        )),
+    }
+}
+
 fn ago(now: Instant, then: Instant) -> f64 {
     now.saturating_duration_since(then).as_secs_f64()
 }
@@ -181,18 +212,21 @@ pub(crate) fn upstream_status(
         .filter_map(|s| {
             let e = u.endpoints.get(&s.address)?;
             let h = u.health.get(&s.address);
+            let health = match h {
+                _ if !u.cfg.health.enabled => Health::Up,
+                Some(h) => h.state.health(),
+                None => Health::Unknown,
+            };
+            let last_probe = h.and_then(|h| h.last.clone());
             Some(EndpointStatus {
                 address: s.address.clone(),
                 origin: e.origin.clone(),
                 registry: e.registry.clone(),
-                health: match h {
-                    _ if !u.cfg.health.enabled => Health::Up,
-                    Some(h) => h.state.health(),
-                    None => Health::Unknown,
-                },
+                health,
                 rendered: if s.down { "down" } else { "up" },
                 verdict: s.verdict,
-                last_probe: h.and_then(|h| h.last.clone()),
+                why: why(s.verdict, &e.registry, health, last_probe.as_ref()),
+                last_probe,
                 last_transition: h
                     .and_then(|h| h.last_transition.as_ref())
                     .map(|(t, at, why)| TransitionStatus {
@@ -275,5 +309,78 @@ impl ControllerHandle {
         .await
         .ok()
         .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(detail: &str) -> LastProbe {
+        LastProbe {
+            result: "bad_status",
+            detail: detail.into(),
+            latency_ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_healthy_server_needs_no_reason() {
+        assert_eq!(
+            why(Verdict::Up, &RegistryState::Passing, Health::Up, None),
+            None
+        );
+    }
+
+    #[test]
+    fn a_critical_registry_entry_says_what_the_registry_said() {
+        let r = RegistryState::Critical("maintenance: deploying v2".into());
+        assert_eq!(
+            why(Verdict::RegistryDown, &r, Health::Up, None).unwrap(),
+            "the registry marks it critical: maintenance: deploying v2"
+        );
+        assert_eq!(
+            why(
+                Verdict::RegistryDown,
+                &RegistryState::Passing,
+                Health::Up,
+                None
+            )
+            .unwrap(),
+            "the registry entry sets `down`"
+        );
+    }
+
+    #[test]
+    fn a_failing_probe_says_how_it_failed() {
+        let p = probe("status 503");
+        assert_eq!(
+            why(
+                Verdict::ProbeDown,
+                &RegistryState::Passing,
+                Health::Down,
+                Some(&p)
+            )
+            .unwrap(),
+            "its health probe failed: status 503"
+        );
+        assert_eq!(
+            why(
+                Verdict::ProbeDown,
+                &RegistryState::Passing,
+                Health::Unknown,
+                None
+            )
+            .unwrap(),
+            "its health probe has not answered yet"
+        );
+        assert!(why(
+            Verdict::FailOpen,
+            &RegistryState::Passing,
+            Health::Down,
+            Some(&p)
+        )
+        .unwrap()
+        .contains("on_all_unhealthy = fail_open"));
     }
 }

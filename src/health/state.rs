@@ -4,25 +4,29 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// What upstreamd believes about an endpoint, from its own probes.
+/// What upstreamd believes about an endpoint, from its own probes: `healthy`, `unhealthy`
+/// or `unknown` in logs, `/status`, the page and metrics alike (`up` and `down` are reserved
+/// for how a server is rendered: nginx's `down` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
 pub enum Health {
     /// No probe result yet. Never treated as healthy by default.
+    #[serde(rename = "unknown")]
     Unknown,
     /// Probes pass.
+    #[serde(rename = "healthy")]
     Up,
     /// Probes fail.
+    #[serde(rename = "unhealthy")]
     Down,
 }
 
 impl Health {
-    /// The lower-case name, as serialized: `unknown`, `up` or `down`.
+    /// The name, as serialized: `unknown`, `healthy` or `unhealthy`.
     pub fn as_str(self) -> &'static str {
         match self {
             Health::Unknown => "unknown",
-            Health::Up => "up",
-            Health::Down => "down",
+            Health::Up => "healthy",
+            Health::Down => "unhealthy",
         }
     }
 }
@@ -206,16 +210,20 @@ mod tests {
     }
 
     #[test]
-    fn displays_and_serializes_in_snake_case() {
+    fn displays_and_serializes_as_healthy_unhealthy_unknown() {
         assert_eq!(Health::Unknown.to_string(), "unknown");
-        assert_eq!(serde_json::to_string(&Health::Down).unwrap(), "\"down\"");
+        assert_eq!(Health::Up.to_string(), "healthy");
+        assert_eq!(
+            serde_json::to_string(&Health::Down).unwrap(),
+            "\"unhealthy\""
+        );
         let t = Transition {
             from: Health::Up,
             to: Health::Down,
         };
         assert_eq!(
             serde_json::to_string(&t).unwrap(),
-            r#"{"from":"up","to":"down"}"#
+            r#"{"from":"healthy","to":"unhealthy"}"#
         );
     }
 

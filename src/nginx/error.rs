@@ -102,7 +102,7 @@ pub enum PidFileProblem {
     #[error("could not be read: {0}")]
     Unreadable(io::Error),
     /// The file holds nothing but white space.
-    #[error("is empty")]
+    #[error("is empty (is nginx running? nginx writes its pid there once it has started)")]
     Empty,
     /// The file holds something other than one positive process id.
     #[error("does not hold a process id: {0:?}")]

@@ -35,17 +35,20 @@ pub fn delay(attempt: u32) -> Duration {
     backoff(attempt, rand::thread_rng().gen::<f64>())
 }
 
-/// An error and its sources as one line, `outer: inner: root`, with repeated messages
-/// (a wrapper that prints its source) said once.
+/// An error and its causes as one line, `outer: inner: root`, leaving out a cause whose text
+/// the line already holds (a wrapper that prints its source; transport errors that repeat
+/// "Connection refused").
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
+    let mut line = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        parts.push(s.to_string());
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
         source = s.source();
     }
-    parts.dedup();
-    parts.join(": ")
+    line
 }
 
 #[cfg(test)]
@@ -112,6 +115,26 @@ mod tests {
         assert_eq!(
             error_chain(&top),
             "consul request failed: connection refused"
+        );
+    }
+
+    #[test]
+    fn an_error_chain_leaves_out_a_cause_the_line_already_holds() {
+        let refused = Layer {
+            msg: "Connection refused (os error 111)",
+            inner: None,
+        };
+        let connect = Layer {
+            msg: "tcp connect error: Connection refused (os error 111)",
+            inner: Some(Box::new(refused)),
+        };
+        let outer = Layer {
+            msg: "transport error",
+            inner: Some(Box::new(connect)),
+        };
+        assert_eq!(
+            error_chain(&outer),
+            "transport error: tcp connect error: Connection refused (os error 111)"
         );
     }
 }

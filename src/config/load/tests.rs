@@ -807,3 +807,83 @@ proptest! {
         let _ = parse(&text.join("\n"), &env);
     }
 }
+
+#[test]
+fn a_bare_host_and_port_consul_url_means_http() {
+    let text = with_upstream(
+        "name = \"app\"\n[[upstream.source]]\nkind = \"consul\"\nservice = \"app\"\nurl = \"127.0.0.1:8500\"\n",
+    );
+    let config = parse(&text, &no_env).expect("valid");
+    let SourceConfig::Consul(c) = &config.upstreams[0].sources[0] else {
+        panic!()
+    };
+    assert_eq!(c.url, "http://127.0.0.1:8500");
+}
+
+#[test]
+fn a_relative_output_is_refused() {
+    let text = MINIMAL.replace("/tmp/upstreamd.conf", "upstreamd.conf");
+    let e = one_error(&text);
+    assert!(
+        e.starts_with("nginx.output: \"upstreamd.conf\" is a relative path"),
+        "{e}"
+    );
+}
+
+#[test]
+fn admin_limits_have_defaults_and_are_checked() {
+    let config = parse(MINIMAL, &no_env).unwrap();
+    assert_eq!(config.admin.max_connections, 64);
+    assert_eq!(config.admin.header_read_timeout, Duration::from_secs(5));
+    let text = format!("[admin]\nmax_connections = 8\nheader_read_timeout = \"1s\"\n{MINIMAL}");
+    let config = parse(&text, &no_env).unwrap();
+    assert_eq!(
+        (
+            config.admin.max_connections,
+            config.admin.header_read_timeout
+        ),
+        (8, Duration::from_secs(1))
+    );
+    let text = format!("[admin]\nmax_connections = 0\n{MINIMAL}");
+    assert!(one_error(&text).starts_with("admin.max_connections: "));
+}
+
+#[test]
+fn a_config_file_larger_than_the_bound_is_refused_without_reading_it_whole() {
+    let e = super::load_file(std::path::Path::new("/dev/zero")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "failed to read `/dev/zero`: it is larger than 16 MiB"
+    );
+}
+
+#[test]
+fn a_port_followed_by_a_word_is_an_address_error_not_a_port_error() {
+    let text = with_upstream(&format!(
+        "name = \"app\"\n{}",
+        ONE_STATIC.replace("127.0.0.1:8080", "10.0.0.1:7860 down")
+    ));
+    let e = one_error(&text);
+    assert!(
+        e.ends_with(
+            "address \"10.0.0.1:7860 down\" must be IPv4:port, [IPv6]:port or hostname:port"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_bad_fail_timeout_says_a_duration_is_accepted_and_quotes_once() {
+    let text = with_upstream(&format!(
+        "name = \"app\"\n{}",
+        ONE_STATIC.replace(
+            "\"127.0.0.1:8080\"",
+            "{ address = \"127.0.0.1:8080\", fail_timeout = \"10x\" }"
+        )
+    ));
+    let e = one_error(&text);
+    assert!(
+        e.ends_with("fail_timeout = \"10x\" must be whole seconds from 0 to 86400, or a duration in whole seconds such as \"10s\""),
+        "{e}"
+    );
+}
