@@ -4,6 +4,8 @@
 
 mod reconfigure;
 pub mod saved;
+#[cfg(test)]
+mod startup_tests;
 pub mod state;
 pub mod status;
 
@@ -28,6 +30,11 @@ use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
 const MAX_CONCURRENT_PROBES: usize = 512;
+
+/// How long `run` waits for its first file before it tells systemd `READY=1` anyway: well
+/// inside systemd's default `TimeoutStartSec=` (90 s), so a source that cannot be reached at
+/// boot (a Consul agent that starts later) does not fail the unit and loop its restarts.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the loop is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +102,10 @@ pub struct Controller<N: Nginx> {
     applied: Option<Vec<Desired>>,
     /// Whether the first apply succeeded.
     ready: bool,
+    /// Whether systemd was told `READY=1`: at the first apply, or at `startup_deadline`.
+    told_ready: bool,
+    /// `run` tells systemd `READY=1` by then even without a first file.
+    startup_deadline: Duration,
     last_apply: Option<LastApply>,
     started: Instant,
     handle: ControllerHandle,
@@ -138,6 +149,8 @@ impl<N: Nginx> Controller<N> {
             rejected: None,
             applied: None,
             ready: false,
+            told_ready: false,
+            startup_deadline: STARTUP_DEADLINE,
             last_apply: None,
             started: Instant::now(),
             handle,
@@ -151,6 +164,13 @@ impl<N: Nginx> Controller<N> {
     /// Sends systemd notifications (readiness, status, watchdog) through `notifier`.
     pub fn with_notifier(mut self, notifier: Notifier) -> Self {
         self.notifier = notifier;
+        self
+    }
+
+    /// Tells systemd `READY=1` after `deadline` even without a first file (default
+    /// [`STARTUP_DEADLINE`]); the loop keeps converging, and `/readyz` waits for the file.
+    pub fn with_startup_deadline(mut self, deadline: Duration) -> Self {
+        self.startup_deadline = deadline;
         self
     }
 
@@ -233,8 +253,13 @@ impl<N: Nginx> Controller<N> {
                     return Err(ControllerError::NotReady(deadline, self.waiting_for()));
                 }
             }
+            let startup =
+                (mode == Mode::Run && !self.told_ready).then_some(started + self.startup_deadline);
             let wake = self
                 .next_wake(now)
+                .into_iter()
+                .chain(startup)
+                .min()
                 .unwrap_or(now + Duration::from_secs(3600));
             tokio::select! {
                 biased;
@@ -267,10 +292,28 @@ impl<N: Nginx> Controller<N> {
                 _ = sleep_until(wake.into()) => {}
             }
             self.release_holds(Instant::now());
+            if startup.is_some_and(|deadline| Instant::now() >= deadline) {
+                self.ready_without_file();
+            }
             if let Some(done) = self.step(Instant::now(), mode).await? {
                 return Ok(done);
             }
         }
+    }
+
+    /// The startup deadline passed without a first file: tell systemd `READY=1` so the boot
+    /// goes on, and say in `STATUS=` what is still missing. The loop keeps converging.
+    fn ready_without_file(&mut self) {
+        let waiting = self.waiting_for();
+        tracing::warn!(deadline = %humantime::format_duration(self.startup_deadline), %waiting,
+            "No upstream file yet; telling systemd the service started, and still converging.");
+        self.notify(
+            "STATUS",
+            self.notifier
+                .status(&startup_status(self.startup_deadline, &waiting)),
+        );
+        self.told_ready = true;
+        self.notify("READY", self.notifier.ready());
     }
 
     fn waiting_for(&self) -> String {
@@ -288,10 +331,19 @@ impl<N: Nginx> Controller<N> {
                 ));
             }
         }
-        if waiting.is_empty() {
-            "first probes still pending".into()
-        } else {
+        let now = Instant::now();
+        if !waiting.is_empty() {
             waiting.join("; ")
+        } else if self
+            .upstreams
+            .iter()
+            .any(|u| u.pending_first_probe(now).is_some())
+        {
+            "first probes still pending".into()
+        } else if let Some(error) = self.last_apply.as_ref().and_then(|a| a.error.as_deref()) {
+            format!("the first file has not been applied ({error})")
+        } else {
+            "the first file has not been applied".into()
         }
     }
 
@@ -596,7 +648,10 @@ impl<N: Nginx> Controller<N> {
         if !self.ready {
             self.ready = true;
             tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
-            self.notify("READY", self.notifier.ready());
+            if !self.told_ready {
+                self.told_ready = true;
+                self.notify("READY", self.notifier.ready());
+            }
         }
         self.notify("STATUS", self.notifier.status(&self.summary()));
     }
@@ -661,6 +716,14 @@ impl<N: Nginx> Controller<N> {
             }
         }
     }
+}
+
+/// The `STATUS=` line sent with `READY=1` when the startup deadline passed without a file.
+fn startup_status(deadline: Duration, waiting: &str) -> String {
+    format!(
+        "Started without a first file after {}: still waiting: {waiting}. nginx keeps its current file; upstreamd keeps converging.",
+        humantime::format_duration(deadline)
+    )
 }
 
 /// A one-line summary of what changed between two applied states, for the log.
