@@ -16,3 +16,6 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 command -v cargo-audit >/dev/null || cargo install --locked cargo-audit
+# `cargo deb` builds the .deb (docs/operations.md, tests/container_deb.rs). Pinned: the test
+# packages the debug build with `--profile dev`, which cargo-deb 3.8 warns it may refuse later.
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb --version 3.8.0

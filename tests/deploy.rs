@@ -14,8 +14,9 @@ use upstreamd::health::Health;
 use upstreamd::model::{Address, Endpoint};
 use upstreamd::render::Renderer;
 
-/// The highest `systemd-analyze security` exposure the unit may have (0 best, 10 worst).
-const MAX_EXPOSURE: f64 = 3.5;
+/// The highest `systemd-analyze security` exposure the unit may have (0 best, 10 worst):
+/// today's 2.1, so a loosened sandbox fails here.
+const MAX_EXPOSURE: f64 = 2.1;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -78,7 +79,7 @@ fn unit_copy(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
     let unit = read(&repo().join("systemd/upstreamd.service"));
     let unit = replace_once(
         &unit,
-        "ExecStart=/usr/local/bin/upstreamd run",
+        "ExecStart=/usr/bin/upstreamd run",
         &format!("ExecStart={} run", env!("CARGO_BIN_EXE_upstreamd")),
         "systemd/upstreamd.service",
     );
@@ -139,7 +140,7 @@ fn exposure(report: &str) -> Option<f64> {
 }
 
 #[test]
-fn systemd_unit_exposure_is_at_most_3_5() {
+fn systemd_unit_exposure_is_at_most_2_1() {
     let Some(systemd_analyze) = tool("systemd-analyze") else {
         return;
     };
@@ -155,6 +156,53 @@ fn systemd_unit_exposure_is_at_most_3_5() {
         figure <= MAX_EXPOSURE,
         "exposure {figure} > {MAX_EXPOSURE}:\n{report}"
     );
+}
+
+#[test]
+fn the_deb_ships_the_daemon_where_the_unit_runs_it_and_the_example_as_conffile() {
+    let manifest: toml::Value = toml::from_str(&read(&repo().join("Cargo.toml"))).unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let assets: Vec<(&str, &str)> = deb["assets"]
+        .as_array()
+        .expect("assets")
+        .iter()
+        .map(|a| (a[0].as_str().unwrap(), a[1].as_str().unwrap()))
+        .collect();
+    let unit = read(&repo().join("systemd/upstreamd.service"));
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    let binary = exec.split_whitespace().next().unwrap();
+    assert_eq!(binary, "/usr/bin/upstreamd");
+    assert!(
+        assets.contains(&("target/release/upstreamd", "usr/bin/")),
+        "the package installs {binary}: {assets:?}"
+    );
+    assert!(
+        !assets.iter().any(|(from, _)| from.contains("standin")),
+        "stand-ins are test tools: {assets:?}"
+    );
+    assert!(assets.contains(&(
+        "systemd/upstreamd.toml.example",
+        "etc/upstreamd/upstreamd.toml"
+    )));
+    assert_eq!(
+        deb["conf-files"].as_array().unwrap()[0].as_str(),
+        Some("/etc/upstreamd/upstreamd.toml")
+    );
+    // The unit comes from systemd/ and is enabled, not started, at installation.
+    let units = &deb["systemd-units"];
+    assert_eq!(units["unit-scripts"].as_str(), Some("systemd/"));
+    assert_eq!(units["start"].as_bool(), Some(false));
+    assert_eq!(deb["recommends"].as_str(), Some("nginx"));
+    let postrm = read(&repo().join("debian/postrm"));
+    assert!(postrm.contains("#DEBHELPER#") && postrm.contains("rm -rf /var/lib/upstreamd"));
+    for (from, _) in &assets {
+        if !from.starts_with("target/") {
+            assert!(repo().join(from).is_file(), "asset {from} is missing");
+        }
+    }
 }
 
 #[test]

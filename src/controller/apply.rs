@@ -155,7 +155,10 @@ impl<N: Nginx> Controller<N> {
         if !self.ready {
             self.ready = true;
             tracing::info!(output = %self.cfg.nginx.output.display(), "Upstream file is up to date.");
-            self.notify("READY", self.notifier.ready());
+            if !self.told_ready {
+                self.told_ready = true;
+                self.notify("READY", self.notifier.ready());
+            }
         }
         self.notify("STATUS", self.notifier.status(&self.summary()));
     }

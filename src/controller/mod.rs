@@ -12,6 +12,8 @@ mod events;
 mod reconfigure;
 pub mod saved;
 pub mod schedule;
+#[cfg(test)]
+mod startup_tests;
 pub mod state;
 pub mod status;
 #[cfg(test)]
@@ -38,6 +40,11 @@ use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
 const MAX_CONCURRENT_PROBES: usize = 512;
+
+/// How long `run` waits for its first file before it tells systemd `READY=1` anyway: well
+/// inside systemd's default `TimeoutStartSec=` (90 s), so a source that cannot be reached at
+/// boot (a Consul agent that starts later) does not fail the unit and loop its restarts.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the loop is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +121,10 @@ pub struct Controller<N: Nginx> {
     render_error: Option<String>,
     /// Whether the first apply succeeded.
     ready: bool,
+    /// Whether systemd was told `READY=1`: at the first apply, or at `startup_deadline`.
+    told_ready: bool,
+    /// `run` tells systemd `READY=1` by then even without a first file.
+    startup_deadline: Duration,
     last_apply: Option<LastApply>,
     started: Instant,
     handle: ControllerHandle,
@@ -157,6 +168,8 @@ impl<N: Nginx> Controller<N> {
             failed: None,
             render_error: None,
             ready: false,
+            told_ready: false,
+            startup_deadline: STARTUP_DEADLINE,
             last_apply: None,
             started: Instant::now(),
             handle,
@@ -171,6 +184,13 @@ impl<N: Nginx> Controller<N> {
     /// Sends systemd notifications (readiness, status, watchdog) through `notifier`.
     pub fn with_notifier(mut self, notifier: Notifier) -> Self {
         self.notifier = notifier;
+        self
+    }
+
+    /// Tells systemd `READY=1` after `deadline` even without a first file (default
+    /// [`STARTUP_DEADLINE`]); the loop keeps converging, and `/readyz` waits for the file.
+    pub fn with_startup_deadline(mut self, deadline: Duration) -> Self {
+        self.startup_deadline = deadline;
         self
     }
 
@@ -260,6 +280,11 @@ impl<N: Nginx> Controller<N> {
                 // Nothing else may wake the loop (a source that keeps failing sends once).
                 wake = wake.min(started + deadline);
             }
+            let startup =
+                (mode == Mode::Run && !self.told_ready).then_some(started + self.startup_deadline);
+            if let Some(at) = startup {
+                wake = wake.min(at);
+            }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
@@ -291,13 +316,31 @@ impl<N: Nginx> Controller<N> {
                 _ = sleep_until(wake) => {}
             }
             self.release_holds(Instant::now());
+            if startup.is_some_and(|deadline| Instant::now() >= deadline) {
+                self.ready_without_file();
+            }
             if let Some(done) = self.step(Instant::now(), mode).await? {
                 return Ok(done);
             }
         }
     }
 
-    /// What `once` is still waiting for, as a sentence naming each upstream and source.
+    /// The startup deadline passed without a first file: tell systemd `READY=1` so the boot
+    /// goes on, and say in `STATUS=` what is still missing. The loop keeps converging.
+    fn ready_without_file(&mut self) {
+        let waiting = self.waiting_for(Instant::now());
+        tracing::warn!(deadline = %humantime::format_duration(self.startup_deadline), %waiting,
+            "No upstream file yet; telling systemd the service started, and still converging.");
+        self.notify(
+            "STATUS",
+            self.notifier
+                .status(&startup_status(self.startup_deadline, &waiting)),
+        );
+        self.told_ready = true;
+        self.notify("READY", self.notifier.ready());
+    }
+
+    /// What the loop is still waiting for, as a sentence naming each upstream and source.
     fn waiting_for(&self, now: Instant) -> String {
         let mut waiting = Vec::new();
         for u in &self.upstreams {
@@ -327,10 +370,14 @@ impl<N: Nginx> Controller<N> {
                 ));
             }
         }
-        if waiting.is_empty() {
-            "the apply to finish".into()
-        } else {
+        if !waiting.is_empty() {
             waiting.join("; ")
+        } else if let Some(error) = self.last_apply.as_ref().and_then(|a| a.error.as_deref()) {
+            format!("the first file has not been applied ({error})")
+        } else if !self.ready {
+            "the first file has not been applied".into()
+        } else {
+            "the apply to finish".into()
         }
     }
 
@@ -344,4 +391,12 @@ impl<N: Nginx> Controller<N> {
         let holds = self.upstreams.iter().filter_map(|u| u.next_release()).min();
         probes.into_iter().chain(apply).chain(holds).min()
     }
+}
+
+/// The `STATUS=` line sent with `READY=1` when the startup deadline passed without a file.
+fn startup_status(deadline: Duration, waiting: &str) -> String {
+    format!(
+        "Started without a first file after {}: still waiting: {waiting}. nginx keeps its current file; upstreamd keeps converging.",
+        humantime::format_duration(deadline)
+    )
 }

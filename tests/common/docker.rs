@@ -4,8 +4,10 @@
 //! Without a Docker engine a test prints `skipped: …` and returns, unless
 //! `UPSTREAMD_REQUIRE_DOCKER=1` is set (CI's host stage sets it): then a missing engine fails.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -62,6 +64,13 @@ pub fn base_image() -> String {
     run_ok(Command::new("bash").arg(script)).trim().to_owned()
 }
 
+/// The image with systemd as PID 1 and Debian's nginx (scripts/docker-systemd.sh), made from
+/// the base image if missing.
+pub fn systemd_image() -> String {
+    let script = repo().join("scripts/docker-systemd.sh");
+    run_ok(Command::new("bash").arg(script)).trim().to_owned()
+}
+
 /// A running container, removed (with its anonymous volumes) in `Drop`.
 pub struct Container {
     /// The container id.
@@ -75,6 +84,89 @@ impl Container {
             .trim()
             .to_owned();
         Container { id }
+    }
+
+    /// A container of `image` running systemd as PID 1, the way that works on this engine
+    /// (`--privileged` does not: CAP_SYS_RESOURCE cannot be granted), once systemd says the
+    /// boot finished (`running`, or `degraded` with a failed unit the test does not use).
+    pub fn systemd(image: &str) -> Self {
+        let c = Container::run(&[
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cap-add",
+            "NET_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+            image,
+            "/lib/systemd/systemd",
+        ]);
+        // The bus socket appears a moment after the container starts.
+        let out = c.sh(
+            "timeout 120 sh -c 'until [ -S /run/systemd/private ]; do sleep 0.1; done; \
+             systemctl is-system-running --wait'",
+        );
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            state == "running" || state == "degraded",
+            "systemd did not finish booting: {}",
+            describe("systemctl is-system-running --wait", &out)
+        );
+        c
+    }
+
+    /// `docker cp HOST_PATH ID:PATH`.
+    pub fn copy_in(&self, host: &Path, path: &str) {
+        run_ok(
+            Command::new("docker")
+                .arg("cp")
+                .arg(host)
+                .arg(format!("{}:{path}", self.id)),
+        );
+    }
+
+    /// Writes `text` to `path` inside the container (mode 0644, directories created).
+    pub fn write(&self, path: &str, text: &str) {
+        let script = format!("mkdir -p \"$(dirname '{path}')\" && cat > '{path}'");
+        let mut child = Command::new("docker")
+            .args(["exec", "-i", &self.id, "sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start docker exec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write to docker exec");
+        let out = child.wait_with_output().expect("wait for docker exec");
+        assert!(out.status.success(), "{}", describe(&script, &out));
+    }
+
+    /// Runs `sh -c SCRIPT` inside the container until it exits 0, every 200 ms, for at most
+    /// `within`; panics with its last output after that.
+    pub fn wait_until(&self, what: &str, within: Duration, script: &str) {
+        let start = std::time::Instant::now();
+        loop {
+            let out = self.sh(script);
+            if out.status.success() {
+                return;
+            }
+            if start.elapsed() > within {
+                panic!(
+                    "timed out after {within:?} waiting for {what}: {}",
+                    describe(script, &out)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// `docker exec ID CMD…`, whatever its exit code.
