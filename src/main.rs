@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use upstreamd::config::{self, Config};
 use upstreamd::controller::{Controller, Mode, Outcome};
+use upstreamd::feedback::Feedback;
 use upstreamd::metrics::Metrics;
 use upstreamd::nginx::{self, SystemNginx};
 use upstreamd::notify::Notifier;
@@ -188,6 +189,18 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     let stop = shutdown.clone();
     let notifier = Notifier::from_env();
     let hup_notifier = notifier.clone();
+    let nginx = SystemNginx::new(&cfg.nginx);
+    let metrics = Arc::new(Metrics::new());
+    let admin = cfg.admin.listen;
+    let error_log = cfg.nginx.error_log.clone();
+    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
+        .with_notifier(notifier);
+    let mut feedback = Feedback::new(
+        controller.probe_trigger(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    );
+    feedback.follow(error_log.as_deref());
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -199,6 +212,7 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
                     }
                     match load(&path) {
                         Ok((cfg, _)) => {
+                            feedback.follow(cfg.nginx.error_log.as_deref());
                             if reload_tx.send(cfg).await.is_err() {
                                 break;
                             }
@@ -217,11 +231,6 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
         tracing::info!("Stopping; the upstream file is left as it is.");
         stop.cancel();
     });
-    let nginx = SystemNginx::new(&cfg.nginx);
-    let metrics = Arc::new(Metrics::new());
-    let admin = cfg.admin.listen;
-    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
-        .with_notifier(notifier);
     if let Some(addr) = admin {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

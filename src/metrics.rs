@@ -65,6 +65,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Unix time of the last successful reload.",
     ),
     (
+        "upstreamd_error_log_lines_total",
+        "counter",
+        "Upstream failures read in nginx's error log, by whether they named an endpoint we probe.",
+    ),
+    (
         "upstreamd_shrink_held",
         "gauge",
         "1 while a large drop of endpoints is held for confirmation.",
