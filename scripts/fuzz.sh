@@ -2,7 +2,7 @@
 # Coverage-guided fuzzing of the parsers and the renderer with cargo-fuzz (libFuzzer), one
 # target after another, each for SECONDS (default 300).
 #
-#   scripts/fuzz.sh [SECONDS] [TARGET...]     # targets: config_parse etcd_entry consul_answer render
+#   scripts/fuzz.sh [SECONDS] [TARGET...]     # targets: config_parse etcd_entry consul_answer render error_log_line
 #
 # Needs a nightly toolchain (`rustup toolchain install nightly`) and cargo-fuzz
 # (`cargo install cargo-fuzz`). The targets are built once, then run one at a time on one
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-300}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config_parse etcd_entry consul_answer render)
+[ ${#targets[@]} -gt 0 ] || targets=(config_parse etcd_entry consul_answer render error_log_line)
 
 declare -A dict=([config_parse]=dicts/config.dict [consul_answer]=dicts/consul.dict)
 

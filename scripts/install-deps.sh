@@ -3,7 +3,7 @@
 # (systemd: only for `systemd-analyze`, which tests/deploy.rs runs on the unit file.)
 # Runs `apt-get update` once, and only when something is missing.
 set -euo pipefail
-pkgs=(build-essential nginx etcd-server etcd-client protobuf-compiler libprotobuf-dev libssl-dev pkg-config docker-compose systemd chromium wrk curl)
+pkgs=(build-essential nginx etcd-server etcd-client haproxy protobuf-compiler libprotobuf-dev libssl-dev pkg-config docker-compose systemd chromium wrk curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,6 +12,8 @@
 //! - [`decide`]: membership from registry state and probe verdicts (pure).
 //! - [`render`]: the include file's bytes from the decided upstreams (pure).
 //! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback.
+//! - [`feedback`]: nginx's error log followed; upstream failures it reports bring probes
+//!   forward.
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.
 //! - [`notify`]: systemd readiness, status and watchdog notifications.
 //! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod feedback;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use upstreamd::config::{self, Config};
 use upstreamd::controller::{Controller, Mode, Outcome};
+use upstreamd::feedback::Feedback;
 use upstreamd::logging::EscapedFields;
 use upstreamd::metrics::Metrics;
 use upstreamd::nginx::{self, SystemNginx};
@@ -299,6 +300,18 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
     let stop = shutdown.clone();
     let notifier = Notifier::from_env();
     let hup_notifier = notifier.clone();
+    let nginx = SystemNginx::new(&cfg.nginx);
+    let metrics = Arc::new(Metrics::new());
+    let admin = cfg.admin.clone();
+    let error_log = cfg.nginx.error_log.clone();
+    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
+        .with_notifier(notifier);
+    let mut feedback = Feedback::new(
+        controller.probe_trigger(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    );
+    feedback.follow(error_log.as_deref());
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -313,6 +326,7 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
                     match load(&path) {
                         Ok(loaded) => {
                             log_preflight(&path, &loaded.preflight);
+                            feedback.follow(loaded.cfg.nginx.error_log.as_deref());
                             if reload_tx.send(loaded.cfg).await.is_err() {
                                 break;
                             }
@@ -331,11 +345,6 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
         tracing::info!("Stopping; the upstream file is left as it is.");
         stop.cancel();
     });
-    let nginx = SystemNginx::new(&cfg.nginx);
-    let metrics = Arc::new(Metrics::new());
-    let admin = cfg.admin.clone();
-    let controller = Controller::new(cfg, renderer, nginx, Arc::clone(&metrics), shutdown.clone())
-        .with_notifier(notifier);
     if let Some(addr) = admin.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

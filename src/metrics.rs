@@ -82,6 +82,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Failed applies in a row; 0 after a success.",
     ),
     (
+        "upstreamd_error_log_lines_total",
+        "counter",
+        "Upstream failures read in nginx's error log, by whether they named an endpoint we probe.",
+    ),
+    (
         "upstreamd_shrink_held",
         "gauge",
         "1 while a large drop of endpoints is held for confirmation.",
@@ -153,6 +158,13 @@ impl Metrics {
         }
         for result in ["changed", "unchanged", "error"] {
             m.add("upstreamd_renders_total", &[("result", result)], 0.0);
+        }
+        for result in ["probe", "not_ours", "too_long"] {
+            m.add(
+                "upstreamd_error_log_lines_total",
+                &[("result", result)],
+                0.0,
+            );
         }
         m.set("upstreamd_apply_pending", &[], 0.0);
         m.set("upstreamd_apply_failures_consecutive", &[], 0.0);

@@ -19,9 +19,11 @@ pub struct Plan {
     pub users: usize,
     /// A user gives up on a request after this long.
     pub client_timeout_s: f64,
-    /// Fail scenarios: steady load before the event, and the event window after it.
+    /// Fail scenarios: steady load before the event, the event window after it, and the
+    /// recovery window after the victim is healthy again.
     pub fail_before_s: f64,
     pub fail_window_s: f64,
+    pub recover_window_s: f64,
     /// The `sick:<ms>` delay.
     pub sick_ms: u64,
     /// Discovery trials per upstreamd source, and for the naive reloader.
@@ -52,6 +54,7 @@ impl Plan {
                 client_timeout_s: 2.0,
                 fail_before_s: 1.0,
                 fail_window_s: 4.0,
+                recover_window_s: 4.0,
                 sick_ms: 800,
                 discovery_trials: 5,
                 discovery_trials_naive: 3,
@@ -73,6 +76,7 @@ impl Plan {
                 client_timeout_s: 2.0,
                 fail_before_s: 3.0,
                 fail_window_s: 15.0,
+                recover_window_s: 12.0,
                 sick_ms: 800,
                 discovery_trials: 50,
                 discovery_trials_naive: 15,
@@ -105,6 +109,9 @@ pub struct Health {
     pub rise: u32,
     pub fall: u32,
 }
+
+/// The fast re-probe of the tuned peers: upstreamd's `fast_interval`, HAProxy's `fastinter`.
+pub const FAST_INTERVAL: &str = "200ms";
 
 /// The replicas' port (below the ephemeral range, so nothing else takes it by chance).
 pub const REPLICA_PORT: u16 = 17_860;
@@ -296,7 +303,9 @@ pub enum Source<'a> {
 
 /// upstreamd's config for `nginx`. The shrink guard is off: the discovery trials remove their
 /// spare replicas together on purpose, which the guard would hold for 30 s (it has its own
-/// tests in `tests/registries.rs`).
+/// tests in `tests/registries.rs`). `fast` adds the re-probe in doubt ([`FAST_INTERVAL`]) and
+/// follows nginx's error log; without it `fast_interval` equals `interval`, which is how
+/// upstreamd probed before it had one (the earlier benchmarks' settings).
 pub fn upstreamd_toml(
     nginx: &Nginx,
     admin: &str,
@@ -304,6 +313,7 @@ pub fn upstreamd_toml(
     settle: &str,
     min_reload_interval: &str,
     source: &Source<'_>,
+    fast: bool,
 ) -> String {
     let test = nginx
         .test_command()
@@ -333,14 +343,23 @@ pub fn upstreamd_toml(
     } else {
         ""
     };
+    let (fast_interval, error_log) = if fast {
+        (
+            FAST_INTERVAL,
+            format!("error_log = \"{}\"\n", nginx.error_log_path().display()),
+        )
+    } else {
+        (HEALTH.interval, String::new())
+    };
     format!(
         "[nginx]\noutput = \"{output}\"\npid_file = \"{pid}\"\ntest_command = [{test}]\n\
-         settle = \"{settle}\"\nmin_reload_interval = \"{min_reload_interval}\"\n\n\
+         settle = \"{settle}\"\nmin_reload_interval = \"{min_reload_interval}\"\n{error_log}\n\
          [admin]\nlisten = \"{admin}\"\n\n\
          [[upstream]]\nname = \"kotaemon\"\nbalance = \"{balance}\"\n{affinity}\
          shrink_hold = \"0s\"\n\n\
          [upstream.health]\npath = \"/queue/status\"\nexpect_body = '\"msg\":\"estimation\"'\n\
-         interval = \"{interval}\"\ntimeout = \"{timeout}\"\nrise = {rise}\nfall = {fall}\n\n\
+         interval = \"{interval}\"\nfast_interval = \"{fast_interval}\"\ntimeout = \"{timeout}\"\n\
+         rise = {rise}\nfall = {fall}\n\n\
          [[upstream.source]]\n{source}",
         output = nginx.output().display(),
         pid = nginx.pid_file().display(),
@@ -356,20 +375,37 @@ pub fn upstreamd_toml(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Peer {
+    /// upstreamd as the earlier benchmarks ran it: `fast_interval = interval`, no error log.
     Upstreamd,
+    /// upstreamd with its detection tuning: `fast_interval` [`FAST_INTERVAL`], following
+    /// nginx's error log.
+    UpstreamdFast,
     /// nginx alone with its passive checks, the file written once.
     Passive,
     /// The naive reloader script.
     Naive,
+    /// HAProxy in nginx's place, with upstreamd's probe settings.
+    Haproxy,
+    /// HAProxy with its best detection tuning: `fastinter`, `observe layer7`,
+    /// `on-error mark-down`.
+    HaproxyTuned,
 }
 
 impl Peer {
     pub fn label(self) -> &'static str {
         match self {
             Peer::Upstreamd => "upstreamd",
+            Peer::UpstreamdFast => "upstreamd, fast_interval 200ms + error log",
             Peer::Passive => "nginx alone (passive)",
             Peer::Naive => "naive reloader",
+            Peer::Haproxy => "HAProxy 2.6",
+            Peer::HaproxyTuned => "HAProxy 2.6 tuned",
         }
+    }
+
+    /// Whether HAProxy, not nginx, is the front.
+    pub fn is_haproxy(self) -> bool {
+        matches!(self, Peer::Haproxy | Peer::HaproxyTuned)
     }
 }
 
@@ -476,9 +512,12 @@ impl Stack {
         let (conf, site) = front_conf(port, balance, 2, None)?;
         std::fs::create_dir_all(dir.join("conf"))?;
         std::fs::write(dir.join("conf/site.conf"), site)?;
+        if peer.is_haproxy() {
+            anyhow::bail!("HAProxy is its own front: see `haproxy::Haproxy`");
+        }
         let initial = match peer {
             Peer::Passive => static_upstream(balance, static_addrs),
-            Peer::Upstreamd | Peer::Naive => placeholder(balance),
+            _ => placeholder(balance),
         };
         let nginx = Nginx::start(
             &format!("nginx-{what}-{peer:?}").to_lowercase(),
@@ -495,8 +534,8 @@ impl Stack {
             naive: None,
         };
         match peer {
-            Peer::Passive => {}
-            Peer::Upstreamd => {
+            Peer::Passive | Peer::Haproxy | Peer::HaproxyTuned => {}
+            Peer::Upstreamd | Peer::UpstreamdFast => {
                 let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
                 let toml = upstreamd_toml(
                     &stack.nginx,
@@ -505,10 +544,11 @@ impl Stack {
                     settle,
                     min_reload_interval,
                     source,
+                    peer == Peer::UpstreamdFast,
                 );
                 let mut u = Upstreamd::start(
                     &env.bins,
-                    &format!("upstreamd-{what}"),
+                    &format!("upstreamd-{what}-{peer:?}").to_lowercase(),
                     &toml,
                     &admin,
                     &dir,

@@ -1,6 +1,8 @@
 //! Scenario 1: one replica of three fails under steady load — it dies (fail-stop), it accepts
-//! and never answers (fail-slow), or its health path says 503 while it answers slowly (sick).
-//! Peers: upstreamd, nginx alone (passive `max_fails`/`fail_timeout`), the naive reloader.
+//! and never answers (fail-slow), or its health path says 503 while it answers slowly (sick)
+//! — and is then made healthy again. Peers: upstreamd (as before, and with its detection
+//! tuning), nginx alone (passive `max_fails`/`fail_timeout`), the naive reloader, and HAProxy
+//! in nginx's place (same probe settings, and its best tuning).
 
 use std::time::Duration;
 
@@ -9,7 +11,8 @@ use serde::Serialize;
 
 use crate::client::{run_load, LoadSpec};
 use crate::env::{members_file, Balance, Env, Members, Peer, Source, Stack};
-use crate::stats::{self, Window};
+use crate::haproxy::Haproxy;
+use crate::stats::{self, Access, Window};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -42,16 +45,56 @@ pub struct FailResult {
     pub during: Window,
     /// Share of answers the victim gave before the event.
     pub victim_share_before: f64,
-    /// Requests nginx sent to the victim (retries included) after the event, per its log.
+    /// Requests the front sent to the victim (nginx: retries included) after the event, per
+    /// its log.
     pub sent_to_victim: usize,
     /// When the last of those started, in seconds after the event; `null` when none.
     pub last_sent_s: Option<f64>,
     /// The last request the victim answered, in seconds after the event (sick: it still does).
     pub last_answered_s: Option<f64>,
-    /// nginx reloads during the load.
+    /// From the victim being healthy again (restarted, or its mode back to `healthy`) to the
+    /// first request it answered; `null` when it answered none in `recover_window_s`.
+    pub recovered_s: Option<f64>,
+    /// nginx reloads during the load (HAProxy: none).
     pub reloads: usize,
-    /// Idle keep-alive connections nginx had closed, found before reuse (no user impact).
+    /// Idle keep-alive connections the front had closed, found before reuse (no user impact).
     pub stale_connections: u64,
+}
+
+/// Who serves the load: nginx with whoever keeps its file, or HAProxy.
+enum Front {
+    Nginx(Stack),
+    Haproxy(Haproxy),
+}
+
+impl Front {
+    fn addr(&self) -> String {
+        match self {
+            Front::Nginx(s) => s.addr(),
+            Front::Haproxy(h) => h.addr(),
+        }
+    }
+
+    fn reloads(&self) -> usize {
+        match self {
+            Front::Nginx(s) => s.nginx.reloads(),
+            Front::Haproxy(_) => 0,
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        match self {
+            Front::Nginx(s) => s.check_alive(),
+            Front::Haproxy(h) => h.check_alive(),
+        }
+    }
+
+    fn access(&self) -> Vec<Access> {
+        match self {
+            Front::Nginx(s) => stats::read_access_log(&s.nginx.access_log()),
+            Front::Haproxy(h) => h.access(),
+        }
+    }
 }
 
 pub async fn run(env: &mut Env, event: Event, peer: Peer) -> Result<FailResult> {
@@ -59,34 +102,43 @@ pub async fn run(env: &mut Env, event: Event, peer: Peer) -> Result<FailResult> 
     let mut replicas = env.replicas("r", 3, 2, &[]).await?;
     let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
     let names: Vec<String> = replicas.iter().map(|r| r.name.clone()).collect();
-    let dir = env.dir("fail-members")?;
-    let members = members_file(&dir, &addrs)?;
-    let mut stack = Stack::start(
-        env,
-        event.label(),
-        peer,
-        Balance::Sticky,
-        &addrs,
-        &Source::Static(&addrs),
-        &Members::File(&members),
-        "250ms",
-        "2s",
-        &names,
-    )
-    .await?;
+    let mut front = if peer.is_haproxy() {
+        let tuned = peer == Peer::HaproxyTuned;
+        Front::Haproxy(Haproxy::start(env, event.label(), tuned, &addrs, &names).await?)
+    } else {
+        let dir = env.dir("fail-members")?;
+        let members = members_file(&dir, &addrs)?;
+        Front::Nginx(
+            Stack::start(
+                env,
+                event.label(),
+                peer,
+                Balance::Sticky,
+                &addrs,
+                &Source::Static(&addrs),
+                &Members::File(&members),
+                "250ms",
+                "2s",
+                &names,
+            )
+            .await?,
+        )
+    };
     // Let the first reloads and connections settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let victim = 1;
     let spec = LoadSpec {
-        addr: stack.addr(),
+        addr: front.addr(),
         rate: plan.rate,
-        duration: Duration::from_secs_f64(plan.fail_before_s + plan.fail_window_s),
+        duration: Duration::from_secs_f64(
+            plan.fail_before_s + plan.fail_window_s + plan.recover_window_s,
+        ),
         users: plan.users,
         timeout: Duration::from_secs_f64(plan.client_timeout_s),
         replicas: names.clone(),
     };
-    let reloads_before = stack.nginx.reloads();
+    let reloads_before = front.reloads();
     let load = tokio::spawn(run_load(spec));
     tokio::time::sleep(Duration::from_secs_f64(plan.fail_before_s)).await;
     match event {
@@ -98,12 +150,20 @@ pub async fn run(env: &mut Env, event: Event, peer: Peer) -> Result<FailResult> 
                 .await?
         }
     }
+    tokio::time::sleep(Duration::from_secs_f64(plan.fail_window_s)).await;
+    // Healthy again: the load's clock says when (the restart takes a moment).
+    match event {
+        Event::FailStop => replicas[victim].restart().await?,
+        // Only the control file ends `hang`; the stand-in reads it every 100 ms.
+        Event::FailSlow | Event::Sick => replicas[victim].set_mode_file("healthy")?,
+    }
+    let healthy_unix = crate::client::unix_now();
     let run = load.await?;
-    let reloads = stack.nginx.reloads() - reloads_before;
-    stack.check_alive()?;
+    let reloads = front.reloads() - reloads_before;
+    front.check_alive()?;
 
     let (t0, t1) = (plan.fail_before_s, plan.fail_before_s + plan.fail_window_s);
-    let log = stats::read_access_log(&stack.nginx.access_log());
+    let log = front.access();
     let event_unix = run.started_unix + t0;
     let (sent_to_victim, last_sent_s) = stats::sent_to(
         &log,
@@ -111,6 +171,13 @@ pub async fn run(env: &mut Env, event: Event, peer: Peer) -> Result<FailResult> 
         event_unix,
         event_unix + plan.fail_window_s,
     );
+    let healthy_at = healthy_unix - run.started_unix;
+    let recovered_s = run
+        .recs
+        .iter()
+        .filter(|r| r.due >= healthy_at && r.replica == Some(victim))
+        .map(|r| r.due - healthy_at)
+        .reduce(f64::min);
     Ok(FailResult {
         event,
         peer,
@@ -120,6 +187,7 @@ pub async fn run(env: &mut Env, event: Event, peer: Peer) -> Result<FailResult> 
         sent_to_victim,
         last_sent_s,
         last_answered_s: stats::last_answered_by(&run.recs, victim, t0, t1),
+        recovered_s,
         reloads,
         stale_connections: run.stale_dropped,
     })

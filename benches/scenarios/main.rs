@@ -9,14 +9,15 @@
 //! `cargo test` (no `--bench` argument) it does nothing.
 //!
 //! Modules: `env` (plan, configs, stacks) → `procs` (children) → `client` (HTTP, load, chats)
-//! → the scenarios `fail`, `discovery`, `churn`, `streams`, `scale` (+ `render_timing`) →
-//! `stats` → `report`.
+//! → `haproxy` (the peer in nginx's place) → the scenarios `fail`, `discovery`, `churn`,
+//! `streams`, `scale` (+ `render_timing`) → `stats` → `report`.
 
 mod churn;
 mod client;
 mod discovery;
 mod env;
 mod fail;
+mod haproxy;
 mod procs;
 mod render_timing;
 mod report;
@@ -285,7 +286,14 @@ async fn run(opts: &Opts) -> Result<bool> {
     }
     if wants("fail") {
         for event in [Event::FailStop, Event::FailSlow, Event::Sick] {
-            for peer in [Peer::Upstreamd, Peer::Passive, Peer::Naive] {
+            for peer in [
+                Peer::Upstreamd,
+                Peer::UpstreamdFast,
+                Peer::Passive,
+                Peer::Naive,
+                Peer::Haproxy,
+                Peer::HaproxyTuned,
+            ] {
                 step(&format!("{} with {}", event.label(), peer.label()));
                 match fail::run(&mut env, event, peer).await {
                     Ok(r) => results.fail.push(r),

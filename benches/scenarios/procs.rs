@@ -273,6 +273,10 @@ impl Nginx {
         self.dir.join("logs/access.log")
     }
 
+    pub fn error_log_path(&self) -> PathBuf {
+        self.dir.join("logs/error.log")
+    }
+
     fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("logs/error.log")).unwrap_or_default()
     }
@@ -380,6 +384,10 @@ impl Drop for Nginx {
 pub struct Replica {
     pub name: String,
     pub addr: String,
+    /// The control file its mode is also read from (the only way out of `hang`).
+    control: PathBuf,
+    /// How it was started, to start it again after a kill.
+    cmd: (PathBuf, Vec<String>, PathBuf),
     proc: Proc,
 }
 
@@ -404,34 +412,67 @@ impl Replica {
         let addr = format!("{ip}:{port}");
         let control = dir.join(format!("mode-{name}"));
         std::fs::write(&control, "healthy")?;
-        let mut cmd = Command::new(&bins.standin);
-        cmd.args(["--listen", &addr, "--name", name, "--control-file"])
-            .arg(&control)
-            .args(extra)
-            .env("RUST_LOG", "warn");
-        let proc = Proc::spawn(&format!("replica-{name}"), &mut cmd, logs, false)?;
+        let extra: Vec<String> = extra.iter().map(|e| (*e).to_owned()).collect();
+        let cmd = (bins.standin.clone(), extra, logs.to_owned());
+        let proc = Self::spawn(name, &addr, &control, &cmd)?;
         let mut r = Self {
             name: name.to_owned(),
             addr,
+            control,
+            cmd,
             proc,
         };
+        r.wait_answering().await?;
+        Ok(r)
+    }
+
+    fn spawn(
+        name: &str,
+        addr: &str,
+        control: &Path,
+        (standin, extra, logs): &(PathBuf, Vec<String>, PathBuf),
+    ) -> Result<Proc> {
+        let mut cmd = Command::new(standin);
+        cmd.args(["--listen", addr, "--name", name, "--control-file"])
+            .arg(control)
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        Proc::spawn(&format!("replica-{name}"), &mut cmd, logs, false)
+    }
+
+    async fn wait_answering(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if crate::client::get_once(&r.addr, "/queue/status", "", Duration::from_secs(1))
+            if crate::client::get_once(&self.addr, "/queue/status", "", Duration::from_secs(1))
                 .await
                 .is_ok_and(|(status, _)| status == 200)
             {
-                return Ok(r);
+                return Ok(());
             }
-            if !r.proc.running() || Instant::now() > deadline {
+            if !self.proc.running() || Instant::now() > deadline {
                 bail!(
-                    "replica {name} did not start on {}:\n{}",
-                    r.addr,
-                    r.proc.tail(20)
+                    "replica {} did not start on {}:\n{}",
+                    self.name,
+                    self.addr,
+                    self.proc.tail(20)
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts a killed replica again on the same address, healthy, and waits until it answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        std::fs::write(&self.control, "healthy")?;
+        self.proc = Self::spawn(&self.name, &self.addr, &self.control, &self.cmd)?;
+        self.wait_answering().await
+    }
+
+    /// Sets the mode through the control file (read every 100 ms): works while it hangs.
+    pub fn set_mode_file(&self, mode: &str) -> Result<()> {
+        std::fs::write(&self.control, mode)
+            .with_context(|| format!("failed to write `{}`", self.control.display()))
     }
 
     /// Flips the failure switch at once, through `POST /_standin/mode`.

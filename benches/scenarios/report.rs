@@ -186,6 +186,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             why: String::new(),
         },
     });
+    out.extend(haproxy_targets(r));
     for d in r.discovery.iter().filter(|d| d.peer == Peer::Upstreamd) {
         let budget = 250.0 + 50.0;
         out.push(Target {
@@ -222,6 +223,83 @@ pub fn targets(r: &Results) -> Vec<Target> {
             why: String::new(),
         });
     }
+    out
+}
+
+/// Issue 14's targets: upstreamd with its detection tuning against HAProxy's best tuning, at
+/// the same base interval, and the bound on the last request to a hung victim.
+fn haproxy_targets(r: &Results) -> Vec<Target> {
+    let find = |e: Event, p: Peer| r.fail.iter().find(|f| f.event == e && f.peer == p);
+    let mut out = Vec::new();
+    for (event, strict) in [
+        (Event::FailSlow, true),
+        (Event::FailStop, false),
+        (Event::Sick, false),
+    ] {
+        let target = format!(
+            "{} client errors {} HAProxy tuned's (same base interval)",
+            event.label(),
+            if strict { "below" } else { "no more than" }
+        );
+        out.push(
+            match (
+                find(event, Peer::UpstreamdFast),
+                find(event, Peer::HaproxyTuned),
+            ) {
+                (Some(u), Some(h)) => Target {
+                    target,
+                    measured: format!(
+                        "{} vs {} (HAProxy untuned {}, upstreamd as before {})",
+                        u.during.errors,
+                        h.during.errors,
+                        find(event, Peer::Haproxy)
+                            .map_or("—".into(), |f| f.during.errors.to_string()),
+                        find(event, Peer::Upstreamd)
+                            .map_or("—".into(), |f| f.during.errors.to_string()),
+                    ),
+                    met: Some(if strict {
+                        u.during.errors < h.during.errors
+                    } else {
+                        u.during.errors <= h.during.errors
+                    }),
+                    why: "upstreamd's figures include `settle` (250 ms) on the removal until \
+                          urgent removals land; the machine is shared and noisy."
+                        .into(),
+                },
+                _ => Target {
+                    target,
+                    measured: "not run".into(),
+                    met: None,
+                    why: String::new(),
+                },
+            },
+        );
+    }
+    let parse = |d: &str| humantime::parse_duration(d).map_or(f64::NAN, |d| d.as_secs_f64());
+    let (interval, timeout, fast) = (
+        parse(r.health.interval),
+        parse(r.health.timeout),
+        parse(crate::env::FAST_INTERVAL),
+    );
+    let bound = interval + timeout + f64::from(r.health.fall - 1) * (fast + timeout) + 0.150;
+    let target = format!(
+        "last request to a hung victim within interval + timeout + (fall − 1) × (fast_interval + \
+         timeout) + 150 ms ({bound:.2} s)"
+    );
+    out.push(match find(Event::FailSlow, Peer::UpstreamdFast) {
+        Some(u) => Target {
+            target,
+            measured: format!("{} after the hang", secs(u.last_sent_s)),
+            met: u.last_sent_s.map(|s| s <= bound),
+            why: "Includes `settle` (250 ms) and the reload until urgent removals land.".into(),
+        },
+        None => Target {
+            target,
+            measured: "not run".into(),
+            met: None,
+            why: String::new(),
+        },
+    });
     out
 }
 
@@ -319,11 +397,25 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
             "One replica of three fails {before:.0} s into the load; the event window is the \
              {window:.0} s after it. *fail-stop*: SIGKILL. *fail-slow*: `hang` (accepts, never \
              answers). *sick*: `sick:{sick}` (`/queue/status` answers 503, every other request is \
-             answered after {sick} ms). \"Sent to victim\" counts requests nginx sent to it after \
-             the event (its access log, retries included) and when the last one started.\n",
+             answered after {sick} ms). \"Sent to victim\" counts requests the front sent to it \
+             after the event (nginx's access log, retries included; HAProxy's log names the last \
+             server tried only) and when the last one started. After the window the victim is \
+             healthy again (restarted, or its mode back to `healthy`) and the load goes on for \
+             {recover:.0} s: \"victim serves again\" is the time from then to the first request it \
+             answered. *upstreamd* probes as before (`fast_interval` = `interval`); *upstreamd, \
+             fast_interval 200ms + error log* re-probes a doubtful endpoint after 200 ms and \
+             follows nginx's error log. *HAProxy 2.6* stands in nginx's place with the same \
+             probes (`inter {interval}`, `rise`/`fall`, `timeout check` and `timeout connect` \
+             {timeout}, `option redispatch 1`, `balance hash req.cook(kh_affinity)` consistent, \
+             `timeout server 3600s`, `option abortonclose` as nginx drops an abandoned request); *tuned* adds `fastinter 200ms`, `observe layer7`, \
+             `error-limit 1`, `on-error mark-down`. upstreamd's removals still wait `settle` \
+             (250 ms) here.\n",
             before = p.fail_before_s,
             window = p.fail_window_s,
-            sick = p.sick_ms
+            sick = p.sick_ms,
+            recover = p.recover_window_s,
+            interval = r.health.interval,
+            timeout = r.health.timeout,
         );
         for event in [Event::FailStop, Event::FailSlow, Event::Sick] {
             let rows: Vec<&FailResult> = r.fail.iter().filter(|f| f.event == event).collect();
@@ -334,7 +426,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
             let _ = writeln!(md, "### {}\n", event.label());
             let _ = writeln!(
                 md,
-                "| peer | requests | errors | error kinds | p50 ms | p90 ms | p99 ms | max ms | > 500 ms | victim's share before | sent to victim after (last) | victim answered until | reloads | errors ratio | > 500 ms ratio | p99 ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+                "| peer | requests | errors | error kinds | p50 ms | p90 ms | p99 ms | max ms | > 500 ms | victim's share before | sent to victim after (last) | victim answered until | victim serves again | reloads | errors ratio | > 500 ms ratio | p99 ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for f in &rows {
                 let (er, sr, pr) = match up {
@@ -347,7 +439,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} ({}) | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} ({}) | {} | {} | {} | {} | {} | {} |",
                     f.peer.label(),
                     f.during.requests,
                     f.during.errors,
@@ -361,6 +453,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
                     f.sent_to_victim,
                     secs(f.last_sent_s),
                     secs(f.last_answered_s),
+                    secs(f.recovered_s),
                     f.reloads,
                     er,
                     sr,

@@ -124,6 +124,7 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
         "250ms",
         "2s",
         &Source::Static(&addrs),
+        false,
     );
     let started = Instant::now();
     let mut u = Upstreamd::start(

@@ -192,6 +192,7 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         )
         .unwrap_or(Duration::from_secs(5));
     let state_dir = s.get("state_dir", p, path);
+    let error_log = s.get("error_log", p, path);
     s.finish(p);
     Some(NginxConfig {
         output: output?,
@@ -203,6 +204,7 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         min_reload_interval,
         confirm_timeout,
         state_dir,
+        error_log,
     })
 }
 
@@ -398,6 +400,7 @@ fn health(mut s: Section<'_>, p: &mut Problems) -> HealthConfig {
             );
         }
     }
+    let (fast_interval, down_interval) = paces(&mut s, p, interval);
     let rise = s.get("rise", p, u32_in(1, 100)).unwrap_or(2);
     let fall = s.get("fall", p, u32_in(1, 100)).unwrap_or(3);
     s.finish(p);
@@ -408,10 +411,54 @@ fn health(mut s: Section<'_>, p: &mut Problems) -> HealthConfig {
         expect_body,
         host,
         interval: interval.unwrap_or(default_interval),
+        fast_interval,
+        down_interval,
         timeout: timeout.unwrap_or(default_timeout),
         rise,
         fall,
     }
+}
+
+/// `fast_interval` (default 500ms, or `interval` when shorter) and `down_interval` (default
+/// `interval`), checked so that `fast_interval ≤ interval ≤ down_interval`: doubt is probed no
+/// slower, and a dead endpoint no faster, than a healthy one. A bad `interval` (already
+/// reported) is not compared against.
+fn paces(
+    s: &mut Section<'_>,
+    p: &mut Problems,
+    interval: Option<Duration>,
+) -> (Duration, Duration) {
+    let base = interval.unwrap_or(Duration::from_secs(2));
+    let at_least_10ms = || duration_at_least(Duration::from_millis(10));
+    let fast_default = base.min(Duration::from_millis(500));
+    let fast = s.get_or("fast_interval", p, fast_default, at_least_10ms());
+    let down = s.get_or("down_interval", p, base, at_least_10ms());
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if let (Some(interval), Some(fast)) = (interval, fast) {
+        if fast > interval {
+            p.add(
+                &s.key_path("fast_interval"),
+                format!(
+                    "fast_interval ({}) must not be longer than interval ({})",
+                    show(fast),
+                    show(interval)
+                ),
+            );
+        }
+    }
+    if let (Some(interval), Some(down)) = (interval, down) {
+        if down < interval {
+            p.add(
+                &s.key_path("down_interval"),
+                format!(
+                    "down_interval ({}) must not be shorter than interval ({})",
+                    show(down),
+                    show(interval)
+                ),
+            );
+        }
+    }
+    (fast.unwrap_or(fast_default), down.unwrap_or(base))
 }
 
 /// The probe's request target: it goes into the request line as is.

@@ -52,6 +52,10 @@ pub struct NginxConfig {
     /// `state_dir`: where the last good snapshot of each source is kept, so that a restart
     /// during a registry outage starts from it; default: none kept.
     pub state_dir: Option<PathBuf>,
+    /// `error_log`: nginx's error log, followed like `tail -F`; an upstream failure it
+    /// reports for one of our endpoints brings that endpoint's next probe forward. Needs
+    /// nginx's `error_log` at level `error` or more verbose. Default: not followed.
+    pub error_log: Option<PathBuf>,
 }
 
 /// `[admin]`: the admin HTTP server.
@@ -167,8 +171,16 @@ pub struct HealthConfig {
     pub expect_body: Option<String>,
     /// `host`: the Host header to send; the endpoint's address by default.
     pub host: Option<String>,
-    /// `interval`: time between probes of one endpoint (±10% jitter); default 2s.
+    /// `interval`: time between probes of one endpoint while its verdict stands (±10%
+    /// jitter); default 2s.
     pub interval: Duration,
+    /// `fast_interval`: time between probes while the verdict is in doubt (a failure while
+    /// up, a success while down), jittered only downwards; default 500ms, or `interval` when
+    /// that is shorter. At most `interval`.
+    pub fast_interval: Duration,
+    /// `down_interval`: time between probes of a down endpoint that still fails (±10%
+    /// jitter); default `interval`. At least `interval`.
+    pub down_interval: Duration,
     /// `timeout`: per probe, connect to last body byte; default 1s.
     pub timeout: Duration,
     /// `rise`: consecutive successes that turn a down endpoint up; default 2.

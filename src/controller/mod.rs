@@ -227,6 +227,11 @@ impl<N: Nginx> Controller<N> {
         format!("{}{last}", parts.join("; "))
     }
 
+    /// The trigger that brings probes forward (nginx's error-log feed rings it).
+    pub fn probe_trigger(&self) -> crate::health::ProbeTrigger {
+        self.prober.trigger()
+    }
+
     /// A handle that asks this controller for its status once it runs.
     pub fn handle(&self) -> ControllerHandle {
         self.handle.clone()

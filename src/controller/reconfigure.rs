@@ -132,6 +132,7 @@ impl<N: Nginx> Controller<N> {
                 min_reload_interval: cfg.nginx.min_reload_interval,
                 template: cfg.nginx.template.clone(),
                 state_dir: cfg.nginx.state_dir.clone(),
+                error_log: cfg.nginx.error_log.clone(),
                 ..self.cfg.nginx.clone()
             };
         }

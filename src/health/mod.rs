@@ -10,5 +10,5 @@ pub mod prober;
 pub mod state;
 
 pub use probe::{build_client, probe_once, Client, ProbeOutcome};
-pub use prober::{ProbeReport, Prober};
-pub use state::{Health, HealthState, Transition};
+pub use prober::{ProbeReport, ProbeTrigger, Prober};
+pub use state::{Health, HealthState, Pace, Schedule, Transition};

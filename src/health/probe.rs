@@ -402,6 +402,8 @@ pub(crate) mod tests {
             expect_body: None,
             host: None,
             interval: Duration::from_secs(2),
+            fast_interval: Duration::from_millis(500),
+            down_interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,

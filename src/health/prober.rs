@@ -1,20 +1,26 @@
 //! The async shell that probes every endpoint on its schedule and sends the results on.
 //!
 //! One task per endpoint: first probe right away (spread a little when many start at once),
-//! then every `interval` ±10%. A shared semaphore bounds the probes in flight; each task keeps
-//! its endpoint's connection alive between probes. No health state lives here.
+//! then at the pace its own copy of the endpoint's [`HealthState`] asks for: `interval`
+//! while the verdict stands, `fast_interval` while it is in doubt, `down_interval` while the
+//! endpoint is down and failing. The copy sees exactly the results the controller sees, in the
+//! same order, so it agrees with the controller's; it only paces the probes, it decides
+//! nothing. A [`ProbeTrigger`] (the nginx error-log feed) can bring a probe forward. A shared
+//! semaphore bounds the probes in flight; each task keeps its endpoint's connection alive
+//! between probes.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::probe::{Client, ProbeOutcome, ProbeTarget};
+use super::state::{HealthState, Pace, Schedule};
 use crate::config::HealthConfig;
 use crate::model::{Address, UpstreamName};
 
@@ -22,7 +28,7 @@ use crate::model::{Address, UpstreamName};
 const FIRST_PROBE_SPREAD_PER_ENDPOINT: Duration = Duration::from_millis(2);
 /// …but over no more than this (nor than the interval), so startup is not held back.
 const MAX_FIRST_PROBE_SPREAD: Duration = Duration::from_millis(200);
-/// A floor under `interval`, so a zero can never turn a task into a busy loop.
+/// A floor under every period, so a zero can never turn a task into a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The result of one probe of one endpoint.
@@ -48,13 +54,80 @@ pub struct Prober {
     tx: mpsc::Sender<ProbeReport>,
     permits: Arc<Semaphore>,
     upstreams: BTreeMap<UpstreamName, Probed>,
+    trigger: ProbeTrigger,
+    #[cfg(test)]
+    script: Option<Script>,
 }
 
 /// The probing of one upstream.
 struct Probed {
     cfg: Arc<HealthConfig>,
-    tasks: BTreeMap<Address, AbortOnDrop>,
+    tasks: BTreeMap<Address, Running>,
 }
+
+/// One endpoint's task: its handle, and the bell that brings its next probe forward.
+struct Running {
+    task: AbortOnDrop,
+    poke: Arc<Notify>,
+}
+
+/// Brings probes forward: the nginx error-log feed rings it when nginx reports an upstream
+/// failure. Cheap to clone; a poke never decides anything, the probe it brings does.
+///
+/// A poke moves the endpoint's next probe to now, but never closer than `fast_interval` to
+/// the start of its previous probe, so a flood of log lines costs at most one probe per
+/// `fast_interval` per endpoint.
+#[derive(Clone, Default)]
+pub struct ProbeTrigger {
+    bells: Arc<Mutex<BTreeMap<UpstreamName, Bells>>>,
+}
+
+/// The bells of one upstream's tasks, by endpoint.
+type Bells = BTreeMap<Address, Arc<Notify>>;
+
+impl ProbeTrigger {
+    /// Asks for a probe of `address` in every upstream that probes it. Returns how many
+    /// endpoints were poked (0 when the address is none of ours).
+    pub fn endpoint(&self, address: &Address) -> usize {
+        let bells = self.bells.lock().unwrap_or_else(PoisonError::into_inner);
+        bells
+            .values()
+            .filter_map(|tasks| tasks.get(address))
+            .map(|bell| bell.notify_one())
+            .count()
+    }
+
+    /// Asks for a probe of every endpoint of the upstream named `name`. Returns how many.
+    pub fn upstream(&self, name: &str) -> usize {
+        let bells = self.bells.lock().unwrap_or_else(PoisonError::into_inner);
+        bells
+            .iter()
+            .filter(|(upstream, _)| upstream.as_str() == name)
+            .flat_map(|(_, tasks)| tasks.values())
+            .map(|bell| bell.notify_one())
+            .count()
+    }
+
+    fn set(&self, upstream: &UpstreamName, tasks: Option<&BTreeMap<Address, Running>>) {
+        let mut bells = self.bells.lock().unwrap_or_else(PoisonError::into_inner);
+        match tasks {
+            Some(tasks) => {
+                let of = tasks
+                    .iter()
+                    .map(|(a, r)| (a.clone(), Arc::clone(&r.poke)))
+                    .collect();
+                bells.insert(upstream.clone(), of);
+            }
+            None => {
+                bells.remove(upstream);
+            }
+        }
+    }
+}
+
+/// Canned probe results for the schedule tests: no sockets, so time can be paused.
+#[cfg(test)]
+type Script = Arc<dyn Fn(&Address) -> ProbeOutcome + Send + Sync>;
 
 /// A task handle that aborts its task when dropped, so forgetting an endpoint stops its probes.
 struct AbortOnDrop(JoinHandle<()>);
@@ -74,7 +147,15 @@ impl Prober {
             tx,
             permits: Arc::new(Semaphore::new(permits)),
             upstreams: BTreeMap::new(),
+            trigger: ProbeTrigger::default(),
+            #[cfg(test)]
+            script: None,
         }
+    }
+
+    /// The trigger that brings this prober's probes forward.
+    pub fn trigger(&self) -> ProbeTrigger {
+        self.trigger.clone()
     }
 
     /// Makes the set of probed endpoints of `upstream` equal `addresses`: starts a task for
@@ -116,6 +197,7 @@ impl Prober {
             .collect();
         let spread = first_probe_spread(new.len(), cfg.interval);
         for address in &new {
+            let poke = Arc::new(Notify::new());
             let task = Task {
                 upstream: upstream.clone(),
                 address: (*address).clone(),
@@ -123,12 +205,18 @@ impl Prober {
                 client: Client::new(),
                 permits: Arc::clone(&self.permits),
                 tx: self.tx.clone(),
+                poke: Arc::clone(&poke),
+                #[cfg(test)]
+                script: self.script.clone(),
             };
             let first = rand::thread_rng().gen_range(Duration::ZERO..=spread);
-            probed.tasks.insert(
-                (*address).clone(),
-                AbortOnDrop(tokio::spawn(task.run(first))),
-            );
+            let task = AbortOnDrop(tokio::spawn(task.run(first)));
+            probed
+                .tasks
+                .insert((*address).clone(), Running { task, poke });
+        }
+        if restarted || stopped > 0 || !new.is_empty() {
+            self.trigger.set(upstream, Some(&probed.tasks));
         }
         if restarted || stopped > 0 || !new.is_empty() {
             tracing::debug!(
@@ -140,6 +228,7 @@ impl Prober {
 
     /// Stops probing every endpoint of `upstream`.
     pub fn remove_upstream(&mut self, upstream: &UpstreamName) {
+        self.trigger.set(upstream, None);
         if let Some(probed) = self.upstreams.remove(upstream) {
             tracing::debug!(%upstream, stopped = probed.tasks.len(), "Health probes stopped.");
         }
@@ -150,7 +239,7 @@ impl Prober {
         self.upstreams
             .values()
             .flat_map(|p| p.tasks.values())
-            .filter(|t| !t.0.is_finished())
+            .filter(|t| !t.task.0.is_finished())
             .count()
     }
 }
@@ -159,6 +248,11 @@ impl Drop for Prober {
     fn drop(&mut self) {
         // Each task handle aborts its task when dropped.
         self.upstreams.clear();
+        self.trigger
+            .bells
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 }
 
@@ -171,18 +265,34 @@ struct Task {
     client: Client,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<ProbeReport>,
+    /// Rung by the [`ProbeTrigger`].
+    poke: Arc<Notify>,
+    #[cfg(test)]
+    script: Option<Script>,
 }
 
 impl Task {
-    /// Probes after `first`, then every interval ±10%, until the receiver is gone.
+    /// Probes after `first`, then at the pace of the endpoint's health, until the receiver is
+    /// gone; a poke brings the next probe forward.
     async fn run(self, first: Duration) {
         let target = ProbeTarget::new(&self.address, &self.cfg);
-        let interval = self.cfg.interval.max(MIN_INTERVAL);
+        let schedule = schedule(&self.cfg);
+        let mut verdict = HealthState::new();
+        let mut last_start: Option<Instant> = None;
         // One timer, re-armed each round: no allocation per probe.
         let sleep = tokio::time::sleep(first);
         tokio::pin!(sleep);
         loop {
-            sleep.as_mut().await;
+            tokio::select! {
+                () = sleep.as_mut() => {}
+                () = self.poke.notified() => {
+                    let at = poked_due(Instant::now(), last_start, schedule.fast_interval);
+                    if at < sleep.deadline() {
+                        sleep.as_mut().reset(at);
+                    }
+                    continue;
+                }
+            }
             let due = sleep.deadline();
             if self.tx.is_closed() {
                 return;
@@ -192,14 +302,11 @@ impl Task {
                     return; // Never closed; if it were, no probe could run again.
                 };
                 let started = Instant::now();
-                let outcome = match &target {
-                    // Boxed: the probe's state (a few KiB) exists only while it runs, and the
-                    // task's future stays small while it sleeps, times 10,000 endpoints.
-                    Ok(target) => Box::pin(target.probe(&self.client, &self.cfg)).await,
-                    Err(outcome) => outcome.clone(),
-                };
+                last_start = Some(started);
+                let outcome = self.check(&target).await;
                 (outcome, started.elapsed())
             };
+            verdict.observe(outcome.is_ok(), self.cfg.rise, self.cfg.fall);
             let report = ProbeReport {
                 upstream: self.upstream.clone(),
                 address: self.address.clone(),
@@ -209,10 +316,43 @@ impl Task {
             if self.tx.send(report).await.is_err() {
                 return; // The controller is gone; nobody needs probes any more.
             }
+            let (pace, period) = verdict.next_delay(&schedule);
             sleep
                 .as_mut()
-                .reset(next_due(due, Instant::now(), jittered(interval)));
+                .reset(next_due(due, Instant::now(), jittered(pace, period)));
         }
+    }
+
+    /// One probe of the endpoint.
+    async fn check(&self, target: &Result<ProbeTarget, ProbeOutcome>) -> ProbeOutcome {
+        #[cfg(test)]
+        if let Some(script) = &self.script {
+            return script(&self.address);
+        }
+        match target {
+            // Boxed: the probe's state (a few KiB) exists only while it runs, and the task's
+            // future stays small while it sleeps, times 10,000 endpoints.
+            Ok(target) => Box::pin(target.probe(&self.client, &self.cfg)).await,
+            Err(outcome) => outcome.clone(),
+        }
+    }
+}
+
+/// The three periods of `cfg`, each at least [`MIN_INTERVAL`].
+fn schedule(cfg: &HealthConfig) -> Schedule {
+    Schedule {
+        interval: cfg.interval.max(MIN_INTERVAL),
+        fast_interval: cfg.fast_interval.max(MIN_INTERVAL),
+        down_interval: cfg.down_interval.max(MIN_INTERVAL),
+    }
+}
+
+/// When a poked endpoint is probed: now, unless its last probe started less than
+/// `fast_interval` ago; then when that much has passed.
+fn poked_due(now: Instant, last_start: Option<Instant>, fast_interval: Duration) -> Instant {
+    match last_start {
+        Some(start) => now.max(start + fast_interval),
+        None => now,
     }
 }
 
@@ -224,9 +364,11 @@ fn first_probe_spread(new: usize, interval: Duration) -> Duration {
     per_endpoint.min(MAX_FIRST_PROBE_SPREAD).min(interval)
 }
 
-/// `interval` ±10%, so endpoints started together drift apart instead of firing in lockstep.
-fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(rand::thread_rng().gen_range(0.9..=1.1))
+/// `period` ±10%, so endpoints started together drift apart instead of firing in lockstep. At
+/// the fast pace only downwards (−10%…0), so the documented detection bound holds as written.
+fn jittered(pace: Pace, period: Duration) -> Duration {
+    let most = if pace == Pace::Fast { 1.0 } else { 1.1 };
+    period.mul_f64(rand::thread_rng().gen_range(0.9..=most))
 }
 
 /// When the next probe is due, `period` after the one `due` at the time; if that moment has
@@ -595,6 +737,103 @@ mod tests {
         assert!(closed.is_ok(), "a task is still running");
     }
 
+    /// A prober whose probes return the next of `results` (then failures), with no I/O, so
+    /// the schedule can be watched under paused time.
+    fn scripted(results: &[bool]) -> (Prober, mpsc::Receiver<ProbeReport>) {
+        let queue = Arc::new(Mutex::new(results.to_vec()));
+        let (tx, rx) = mpsc::channel(64);
+        let mut prober = Prober::new(tx, 8);
+        prober.script = Some(Arc::new(move |_: &Address| {
+            let mut queue = queue.lock().unwrap();
+            match (!queue.is_empty()).then(|| queue.remove(0)) {
+                Some(true) => ProbeOutcome::Ok,
+                _ => ProbeOutcome::Timeout,
+            }
+        }));
+        (prober, rx)
+    }
+
+    /// Probes every 1 s, 200 ms in doubt, 4 s while down; rise = fall = 2.
+    fn paced() -> HealthConfig {
+        HealthConfig {
+            interval: Duration::from_secs(1),
+            fast_interval: Duration::from_millis(200),
+            down_interval: Duration::from_secs(4),
+            rise: 2,
+            fall: 2,
+            ..health("/queue/status")
+        }
+    }
+
+    /// The gaps between the first `n` reports, in milliseconds.
+    async fn gaps_ms(rx: &mut mpsc::Receiver<ProbeReport>, n: usize) -> Vec<u128> {
+        let mut at = Vec::new();
+        for _ in 0..n {
+            next(rx).await;
+            at.push(Instant::now());
+        }
+        at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect()
+    }
+
+    fn within(gap: u128, low: u128, high: u128) -> bool {
+        (low..=high).contains(&gap)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_while_up_brings_the_next_probe_sooner_and_a_dead_endpoint_waits_longer() {
+        let (mut prober, mut rx) = scripted(&[true, true, false, false, false]);
+        prober.sync(&name("kotaemon"), &paced(), &fake_addresses(1));
+        let gaps = gaps_ms(&mut rx, 5).await;
+        // up, up (1 s), fail in doubt (1 s), fail → down (200 ms), still down (4 s).
+        assert!(within(gaps[0], 900, 1100), "{gaps:?}");
+        assert!(within(gaps[1], 900, 1100), "{gaps:?}");
+        assert!(within(gaps[2], 180, 200), "{gaps:?}");
+        assert!(within(gaps[3], 3600, 4400), "{gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_while_down_brings_the_next_probe_sooner() {
+        let (mut prober, mut rx) = scripted(&[false, true, true, true]);
+        prober.sync(&name("kotaemon"), &paced(), &fake_addresses(1));
+        let gaps = gaps_ms(&mut rx, 4).await;
+        // down (4 s), success in doubt (200 ms), success → up (1 s).
+        assert!(within(gaps[0], 3600, 4400), "{gaps:?}");
+        assert!(within(gaps[1], 180, 200), "{gaps:?}");
+        assert!(within(gaps[2], 900, 1100), "{gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poke_probes_at_once_but_not_twice_within_fast_interval() {
+        let (mut prober, mut rx) = scripted(&[true; 10]);
+        let slow = HealthConfig {
+            interval: Duration::from_secs(60),
+            down_interval: Duration::from_secs(60),
+            ..paced()
+        };
+        let address = fake_addresses(1).pop_first().unwrap();
+        prober.sync(&name("kotaemon"), &slow, &fake_addresses(1));
+        next(&mut rx).await;
+        let trigger = prober.trigger();
+        sleep(Duration::from_secs(5)).await;
+
+        let poked = Instant::now();
+        assert_eq!(trigger.endpoint(&address), 1);
+        next(&mut rx).await;
+        assert_eq!(Instant::now(), poked, "the poked probe comes at once");
+
+        // A second poke right after waits out fast_interval from the poked probe's start.
+        assert_eq!(trigger.upstream("kotaemon"), 1);
+        next(&mut rx).await;
+        assert_eq!(Instant::now() - poked, Duration::from_millis(200));
+
+        // Pokes for addresses and upstreams that are not ours reach nobody.
+        let other = Address::from_parts("127.0.0.9", 1).unwrap();
+        assert_eq!(trigger.endpoint(&other), 0);
+        assert_eq!(trigger.upstream("other"), 0);
+        prober.remove_upstream(&name("kotaemon"));
+        assert_eq!(trigger.endpoint(&address), 0);
+    }
+
     #[test]
     fn the_first_probe_of_a_single_new_endpoint_is_prompt() {
         assert!(first_probe_spread(1, Duration::from_secs(2)) <= Duration::from_millis(50));
@@ -623,13 +862,37 @@ mod tests {
     #[test]
     fn jitter_stays_within_ten_percent() {
         let interval = Duration::from_secs(1);
-        for _ in 0..1000 {
-            let j = jittered(interval);
-            assert!(
-                (Duration::from_millis(900)..=Duration::from_millis(1100)).contains(&j),
-                "{j:?}"
-            );
+        for pace in [Pace::Steady, Pace::Down] {
+            for _ in 0..1000 {
+                let j = jittered(pace, interval);
+                assert!(
+                    (Duration::from_millis(900)..=Duration::from_millis(1100)).contains(&j),
+                    "{j:?}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn jitter_at_the_fast_pace_only_shortens() {
+        let fast = Duration::from_millis(200);
+        for _ in 0..1000 {
+            let j = jittered(Pace::Fast, fast);
+            assert!((Duration::from_millis(180)..=fast).contains(&j), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn a_poke_is_due_now_unless_the_last_probe_started_within_fast_interval() {
+        let now = Instant::now();
+        let fast = Duration::from_millis(200);
+        assert_eq!(poked_due(now, None, fast), now);
+        assert_eq!(
+            poked_due(now, Some(now - Duration::from_secs(1)), fast),
+            now
+        );
+        let recent = now - Duration::from_millis(50);
+        assert_eq!(poked_due(now, Some(recent), fast), recent + fast);
     }
 
     #[test]

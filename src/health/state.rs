@@ -1,6 +1,8 @@
-//! The health state machine of one endpoint: pure hysteresis, no I/O and no clock.
+//! The health state machine of one endpoint: pure hysteresis and the pace of its probes, no
+//! I/O and no clock.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -44,6 +46,41 @@ pub struct Transition {
     pub from: Health,
     /// The health after it; never `Unknown`, never equal to `from`.
     pub to: Health,
+}
+
+/// How soon an endpoint is probed again, by how sure its verdict is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pace {
+    /// The verdict stands (up and passing, or no verdict yet): every `interval`.
+    Steady,
+    /// The verdict is in doubt (a failure while up, a success while down): every
+    /// `fast_interval`, so the flip, if it comes, comes soon.
+    Fast,
+    /// Down and still failing: every `down_interval`, so dead endpoints cost less.
+    Down,
+}
+
+/// The three probe periods of an upstream, one per [`Pace`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// The period at [`Pace::Steady`].
+    pub interval: Duration,
+    /// The period at [`Pace::Fast`].
+    pub fast_interval: Duration,
+    /// The period at [`Pace::Down`].
+    pub down_interval: Duration,
+}
+
+impl Schedule {
+    /// The period at `pace`, before jitter.
+    pub fn period(&self, pace: Pace) -> Duration {
+        match pace {
+            Pace::Steady => self.interval,
+            Pace::Fast => self.fast_interval,
+            Pace::Down => self.down_interval,
+        }
+    }
 }
 
 /// Hysteresis over the probe results of one endpoint. Starts [`Health::Unknown`].
@@ -99,6 +136,24 @@ impl HealthState {
         }
         let from = std::mem::replace(&mut self.health, to);
         Some(Transition { from, to })
+    }
+
+    /// How soon the next probe should come, from the verdict and the last result: an endpoint
+    /// whose last result disagrees with its health is in doubt and probed fast; one that is
+    /// down and failing is probed at the down pace; anything else at the steady pace.
+    pub fn pace(&self) -> Pace {
+        match (self.health, self.last_ok) {
+            (Health::Unknown, _) => Pace::Steady,
+            (Health::Up, true) => Pace::Steady,
+            (Health::Up, false) | (Health::Down, true) => Pace::Fast,
+            (Health::Down, false) => Pace::Down,
+        }
+    }
+
+    /// The delay before the next probe under `schedule`, before jitter, and its pace.
+    pub fn next_delay(&self, schedule: &Schedule) -> (Pace, Duration) {
+        let pace = self.pace();
+        (pace, schedule.period(pace))
     }
 
     /// The last result and how many results in a row were the same, for /status and logs.
@@ -227,6 +282,75 @@ mod tests {
         );
     }
 
+    const SCHEDULE: Schedule = Schedule {
+        interval: Duration::from_secs(2),
+        fast_interval: Duration::from_millis(500),
+        down_interval: Duration::from_secs(4),
+    };
+
+    fn delay_after(results: &[bool]) -> (Pace, Duration) {
+        after(results).next_delay(&SCHEDULE)
+    }
+
+    #[test]
+    fn an_endpoint_with_no_result_yet_waits_the_steady_interval() {
+        assert_eq!(
+            HealthState::new().next_delay(&SCHEDULE),
+            (Pace::Steady, Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn an_endpoint_up_and_passing_waits_the_steady_interval() {
+        assert_eq!(delay_after(&[true]), (Pace::Steady, Duration::from_secs(2)));
+        assert_eq!(
+            delay_after(&[true, false, true]),
+            (Pace::Steady, Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn a_failure_while_up_brings_the_next_probe_sooner() {
+        assert_eq!(
+            delay_after(&[true, false]),
+            (Pace::Fast, Duration::from_millis(500))
+        );
+        assert_eq!(
+            delay_after(&[true, false, false]),
+            (Pace::Fast, Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn a_success_while_down_brings_the_next_probe_sooner() {
+        assert_eq!(
+            delay_after(&[false, true]),
+            (Pace::Fast, Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn a_down_endpoint_still_failing_waits_the_down_interval() {
+        assert_eq!(delay_after(&[false]), (Pace::Down, Duration::from_secs(4)));
+        // The flip itself ends the doubt: the next probe is at the down pace.
+        assert_eq!(
+            delay_after(&[true, false, false, false]),
+            (Pace::Down, Duration::from_secs(4))
+        );
+        assert_eq!(
+            delay_after(&[false, true, false]),
+            (Pace::Down, Duration::from_secs(4))
+        );
+    }
+
+    #[test]
+    fn rising_back_up_returns_to_the_steady_interval() {
+        assert_eq!(
+            delay_after(&[false, true, true]),
+            (Pace::Steady, Duration::from_secs(2))
+        );
+    }
+
     /// How many results at the end of `results` equal its last one.
     fn trailing_run(results: &[bool]) -> u32 {
         match results.last() {
@@ -273,6 +397,10 @@ mod tests {
                     }
                     _ => {}
                 }
+
+                // Doubt, and only doubt, is probed fast.
+                let doubt = matches!((now, ok), (Health::Up, false) | (Health::Down, true));
+                prop_assert_eq!(s.pace() == Pace::Fast, doubt);
 
                 // And the flips are not late: a full run always decides.
                 if !ok && run >= fall {

@@ -215,6 +215,7 @@ impl Nginx {
             min_reload_interval: Duration::from_secs(2),
             confirm_timeout: Duration::from_secs(2),
             state_dir: None,
+            error_log: None,
         }
     }
 

@@ -214,6 +214,11 @@ fn defaults_are_those_documented_on_the_fields() {
         (h.interval, h.timeout, h.rise, h.fall),
         (Duration::from_secs(2), Duration::from_secs(1), 2, 3)
     );
+    assert_eq!(
+        (h.fast_interval, h.down_interval),
+        (Duration::from_millis(500), Duration::from_secs(2))
+    );
+    assert_eq!(n.error_log, None);
 }
 
 #[test]
@@ -653,6 +658,64 @@ fn health_values_are_checked_against_what_a_probe_can_send() {
             .expect_status,
         (204, 204)
     );
+}
+
+#[test]
+fn probe_paces_default_from_the_interval() {
+    let text = with_upstream(&format!(
+        "name = \"app\"\n[upstream.health]\ninterval = \"300ms\"\ntimeout = \"100ms\"\n{ONE_STATIC}"
+    ));
+    let h = parse(&text, &no_env).expect("valid").upstreams[0]
+        .health
+        .clone();
+    assert_eq!(
+        (h.fast_interval, h.down_interval),
+        (Duration::from_millis(300), Duration::from_millis(300))
+    );
+    let text = with_upstream(&format!(
+        "name = \"app\"\n[upstream.health]\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
+         fast_interval = \"200ms\"\ndown_interval = \"5s\"\n{ONE_STATIC}"
+    ));
+    let h = parse(&text, &no_env).expect("valid").upstreams[0]
+        .health
+        .clone();
+    assert_eq!(
+        (h.fast_interval, h.down_interval),
+        (Duration::from_millis(200), Duration::from_secs(5))
+    );
+}
+
+#[test]
+fn probe_paces_out_of_order_are_all_refused_at_once() {
+    let text = with_upstream(&format!(
+        "name = \"app\"\n[upstream.health]\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
+         fast_interval = \"2s\"\ndown_interval = \"900ms\"\nrise = 0\n{ONE_STATIC}"
+    ));
+    assert_eq!(
+        errors(&text),
+        [
+            (
+                "upstream[0].health.fast_interval".to_owned(),
+                "fast_interval (2s) must not be longer than interval (1s)".to_owned()
+            ),
+            (
+                "upstream[0].health.down_interval".to_owned(),
+                "down_interval (900ms) must not be shorter than interval (1s)".to_owned()
+            ),
+            (
+                "upstream[0].health.rise".to_owned(),
+                errors(&with_upstream(&format!(
+                    "name = \"app\"\n[upstream.health]\nrise = 0\n{ONE_STATIC}"
+                )))[0]
+                    .1
+                    .clone()
+            ),
+        ]
+    );
+    let text = with_upstream(&format!(
+        "name = \"app\"\n[upstream.health]\nfast_interval = \"5ms\"\n{ONE_STATIC}"
+    ));
+    assert!(one_error(&text).starts_with("upstream[0].health.fast_interval: "));
 }
 
 #[test]
