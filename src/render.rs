@@ -9,6 +9,7 @@ use std::path::Path;
 use minijinja::{AutoEscape, Environment};
 use serde::Serialize;
 
+use crate::affinity::GROUP_SEPARATOR;
 use crate::config::{AllUnhealthy, Balance};
 use crate::decide::{Desired, Verdict};
 
@@ -54,6 +55,13 @@ struct ServerCtx {
 }
 
 #[derive(Serialize)]
+struct RouteCtx {
+    id: String,
+    address: String,
+    group: String,
+}
+
+#[derive(Serialize)]
 struct UpstreamCtx<'a> {
     name: &'a str,
     balance: Balance,
@@ -65,6 +73,7 @@ struct UpstreamCtx<'a> {
     all_unhealthy: bool,
     on_all_unhealthy: AllUnhealthy,
     servers: Vec<ServerCtx>,
+    routes: Vec<RouteCtx>,
 }
 
 /// The shared-memory zone for servers with these addresses, in KiB: 64 KiB, plus 1 KiB and
@@ -137,6 +146,15 @@ impl Renderer {
                     all_unhealthy: d.all_unhealthy,
                     on_all_unhealthy: *policy,
                     servers,
+                    routes: d
+                        .routes
+                        .iter()
+                        .map(|r| RouteCtx {
+                            id: r.id.to_string(),
+                            address: r.address.to_string(),
+                            group: format!("{}{GROUP_SEPARATOR}{}", d.name, r.id),
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -186,13 +204,37 @@ mod tests {
     }
 
     #[test]
-    fn sticky_renders_the_two_maps_named_after_the_upstream() {
-        let text = render_one(Balance::Sticky, &[ep("127.0.0.2:7860")], Health::Up);
-        assert!(text.contains("map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}"));
-        assert!(text.contains(
-            "map $cookie_kh_affinity $kotaemon_affinity_cookie {\n    \"\"      \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    default \"\";\n}"
-        ));
-        assert!(text.contains("    hash $kotaemon_affinity_key consistent;\n"));
+    fn sticky_routes_each_up_replica_id_to_its_own_group_and_the_rest_to_the_hash() {
+        let cfg = upstream("kotaemon", Balance::Sticky);
+        let eps = [ep("127.0.0.2:7860"), ep("127.0.0.3:7860")];
+        let d = decide(&cfg, &merge([&eps[..]]), |a| {
+            if a.port == 7860 && a.to_string().starts_with("127.0.0.3") {
+                Health::Down
+            } else {
+                Health::Up
+            }
+        });
+        let text = Renderer::new(None)
+            .unwrap()
+            .render(&[(d, cfg.on_all_unhealthy)])
+            .unwrap();
+        let id = cfg.affinity_key.id(&"127.0.0.2:7860".parse().unwrap());
+        let down = cfg.affinity_key.id(&"127.0.0.3:7860".parse().unwrap());
+        for want in [
+            format!("map $cookie_kh_affinity $kotaemon_affinity_route {{\n    default kotaemon;\n    {id} kotaemon__{id};\n}}\n"),
+            "map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}\n".into(),
+            "map $upstream_addr $kotaemon_affinity_last {\n    \"~([^ ]+)$\" $1;\n    default \"\";\n}\n".into(),
+            format!("map $kotaemon_affinity_last $kotaemon_affinity_served {{\n    default \"\";\n    \"127.0.0.2:7860\" {id};\n}}\n"),
+            format!("map \"$cookie_kh_affinity:$kotaemon_affinity_served\" $kotaemon_affinity_cookie {{\n    \"~:$\"   \"\";\n    \"{id}:{id}\" \"\";\n    default \"kh_affinity=$kotaemon_affinity_served; Path=/; HttpOnly; SameSite=Lax\";\n}}\n"),
+            "    hash $kotaemon_affinity_key consistent;\n    server 127.0.0.2:7860;\n    server 127.0.0.3:7860 down;\n".into(),
+            format!("upstream kotaemon__{id} {{\n    server 127.0.0.2:7860;\n    keepalive 32;\n}}\n"),
+        ] {
+            assert!(text.contains(&want), "missing:\n{want}\n---- in:\n{text}");
+        }
+        assert!(
+            !text.contains(&down.to_string()),
+            "a down replica's id routes nowhere\n{text}"
+        );
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! `cargo test` (no `--bench` argument) it does nothing.
 //!
 //! Modules: `env` (plan, configs, stacks) → `procs` (children) → `client` (HTTP, load, chats)
-//! → the scenarios `fail`, `discovery`, `churn`, `streams`, `scale` (+ `render_timing`) →
+//! → the scenarios `fail`, `discovery`, `churn`, `streams`, `scale`, `affinity` (+
+//! `render_timing`) →
 //! `stats` → `report`.
 
+mod affinity;
 mod churn;
 mod client;
 mod discovery;
@@ -35,7 +37,15 @@ use crate::fail::Event;
 use crate::procs::Bins;
 use crate::report::{Machine, Results};
 
-const SCENARIOS: [&str; 6] = ["render", "fail", "discovery", "churn", "streams", "scale"];
+const SCENARIOS: [&str; 7] = [
+    "render",
+    "fail",
+    "discovery",
+    "churn",
+    "streams",
+    "scale",
+    "affinity",
+];
 
 struct Opts {
     quick: bool,
@@ -268,6 +278,8 @@ async fn run(opts: &Opts) -> Result<bool> {
         churn: vec![],
         streams: vec![],
         scale: vec![],
+        affinity: vec![],
+        affinity_test_cost: None,
         errors: vec![],
         targets: vec![],
     };
@@ -360,6 +372,23 @@ async fn run(opts: &Opts) -> Result<bool> {
                 Ok(r) => results.scale.push(r),
                 Err(e) => failed(&mut results, &format!("scale {n}"), e),
             }
+        }
+    }
+    if wants("affinity") {
+        for mode in [affinity::Mode::Hash, affinity::Mode::Sticky] {
+            step(&format!("affinity with {}", mode.word()));
+            match affinity::run(&mut env, mode).await {
+                Ok(r) => results.affinity.push(r),
+                Err(e) => failed(&mut results, &format!("affinity / {}", mode.word()), e),
+            }
+        }
+        step("affinity: nginx -t at 1,000 replicas");
+        match env
+            .dir("affinity-nginx-t")
+            .and_then(|d| affinity::test_cost(&d, plan.render_runs))
+        {
+            Ok(c) => results.affinity_test_cost = Some(c),
+            Err(e) => failed(&mut results, "affinity / nginx -t", e),
         }
     }
     drop(env);
