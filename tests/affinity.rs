@@ -122,20 +122,42 @@ async fn users_stay_on_their_replica_while_others_join_leave_restart_and_die() {
     first_apply(&nginx, &daemon);
     wait_applied(&nginx, was, 3, &alpha.addr, true);
 
-    // The cookie is an opaque id, never an address.
-    let first = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/", nginx.port))
-        .send()
-        .await
+    // A first visit gets a random value (so browsers behind one address spread), the next
+    // response the opaque id of the replica that answered: never an address.
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
         .unwrap();
-    let cookie = first.headers()["set-cookie"].to_str().unwrap().to_owned();
-    let id = cookie
-        .strip_prefix("kh_affinity=")
-        .and_then(|c| c.split(';').next())
-        .unwrap_or_default();
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let r = browser
+            .get(format!("http://127.0.0.1:{}/", nginx.port))
+            .send()
+            .await
+            .unwrap();
+        cookies.extend(r.headers().get_all("set-cookie").iter().map(|v| {
+            let v = v.to_str().unwrap();
+            let value = v
+                .strip_prefix("kh_affinity=")
+                .and_then(|c| c.split(';').next());
+            value.unwrap_or_else(|| panic!("{v}")).to_owned()
+        }));
+    }
+    assert_eq!(
+        cookies.len(),
+        2,
+        "a random value, then the id, then nothing: {cookies:?}"
+    );
+    assert_eq!(
+        (cookies[0].len(), cookies[1].len()),
+        (32, 16),
+        "{cookies:?}"
+    );
     assert!(
-        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{cookie}"
+        cookies
+            .iter()
+            .all(|c| c.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{cookies:?}"
     );
 
     let mut users = Users::new(&format!("http://127.0.0.1:{}", nginx.port), USERS);

@@ -60,7 +60,11 @@ fn grammar() -> &'static Grammar {
                 ),
                 line(
                     "comment",
-                    r"# consistent hash on the cookie \(on the client address until there is one\)\.".into(),
+                    r"# consistent hash on the cookie \(on the client address until there is one: a first response".into(),
+                ),
+                line(
+                    "comment",
+                    r"# sets a random value, so that browsers behind one address spread, then the replica's id\)\.".into(),
                 ),
                 line(
                     "comment",
@@ -93,6 +97,10 @@ fn grammar() -> &'static Grammar {
                 line("map", r#"    default "";"#.into()),
                 line("map", format!(r#"    "{ADDRESS}" {ID};"#)),
                 line("map", r#"    "~:\$"   "";"#.into()),
+                line(
+                    "map",
+                    format!(r#"    "~\^:"   "{w}=\$request_id; Path=/; HttpOnly; SameSite=Lax";"#),
+                ),
                 line("map", format!(r#"    "{ID}:{ID}" "";"#)),
                 line(
                     "map",
