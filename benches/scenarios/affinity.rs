@@ -86,13 +86,6 @@ struct Front {
 }
 
 impl Front {
-    fn routes(&self) -> usize {
-        std::fs::read_to_string(self.nginx.output())
-            .unwrap_or_default()
-            .matches("\nupstream kotaemon__")
-            .count()
-    }
-
     fn rendered(&self) -> String {
         std::fs::read_to_string(self.nginx.output()).unwrap_or_default()
     }
