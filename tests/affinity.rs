@@ -242,7 +242,9 @@ async fn users_stay_on_their_replica_while_others_join_leave_restart_and_die() {
         killed.failed_excused, charlie_users,
         "exactly the chats streaming from the killed replica fail"
     );
-    assert_eq!(after.moved_excused, charlie_users);
+    // Re-homed on their next request: normally the next chat, or already the page request
+    // before the stream when the kill came first.
+    assert_eq!(killed.moved_excused + after.moved_excused, charlie_users);
     assert_eq!(
         users.homes().values().sum::<usize>(),
         USERS,

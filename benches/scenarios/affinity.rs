@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::env::{front_conf, Balance, Env, REPLICA_PORT};
+use crate::env::{front_conf, Balance, Env};
 use crate::procs::{self, Nginx, Replica, Upstreamd};
 use sessions::{Tally, Users};
 
@@ -54,6 +54,8 @@ pub struct EventCount {
     pub moved_excused: usize,
     pub failed: usize,
     pub failed_excused: usize,
+    /// nginx reloads during the event (one for each change; more means a probe flapped).
+    pub reloads: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +85,8 @@ const HASH_SITE_MAPS: &str = "map $uri $kotaemon_affinity_route { default kotaem
 struct Front {
     nginx: Nginx,
     upstreamd: Upstreamd,
+    /// nginx's workers on the bootstrap include, before upstreamd's first file.
+    bootstrap_workers: BTreeSet<i32>,
 }
 
 impl Front {
@@ -140,6 +144,7 @@ async fn front(env: &mut Env, mode: Mode, prefix: &str, secret: &std::path::Path
         &env.logs,
     )
     .await?;
+    let bootstrap_workers = nginx.worker_pids();
     let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
     let test = nginx
         .test_command()
@@ -178,10 +183,14 @@ async fn front(env: &mut Env, mode: Mode, prefix: &str, secret: &std::path::Path
         &env.logs,
     )?;
     upstreamd.wait_ready(Duration::from_secs(30)).await?;
-    Ok(Front { nginx, upstreamd })
+    Ok(Front {
+        nginx,
+        upstreamd,
+        bootstrap_workers,
+    })
 }
 
-fn count(event: &str, t: Tally) -> EventCount {
+fn count(event: &str, t: Tally, reloads: usize) -> EventCount {
     EventCount {
         event: event.to_owned(),
         chats: t.chats,
@@ -189,6 +198,7 @@ fn count(event: &str, t: Tally) -> EventCount {
         moved_excused: t.moved_excused,
         failed: t.failed,
         failed_excused: t.failed_excused,
+        reloads,
     }
 }
 
@@ -225,7 +235,9 @@ pub async fn run(env: &mut Env, mode: Mode) -> Result<AffinityResult> {
         line(&addrs[1], false),
         line(&addrs[2], false),
     );
-    f.applied(0, &BTreeSet::new(), |t| {
+    let bootstrap = f.bootstrap_workers.clone();
+    // Every user starts on upstreamd's file, none on a bootstrap worker that is leaving.
+    f.applied(0, &bootstrap, |t| {
         t.contains(&l0) && t.contains(&l1) && t.contains(&l2)
     })
     .await?;
@@ -233,7 +245,13 @@ pub async fn run(env: &mut Env, mode: Mode) -> Result<AffinityResult> {
     let none = BTreeSet::new();
     let mut events = Vec::new();
     users.chat_all(&none).await;
-    events.push(count("quiet (cookies set)", users.chat_all(&none).await));
+    let mut mark = f.nginx.reloads();
+    let mut since = |f: &Front| {
+        let now = f.nginx.reloads();
+        std::mem::replace(&mut mark, now).abs_diff(now)
+    };
+    let t = users.chat_all(&none).await;
+    events.push(count("quiet (cookies set)", t, since(&f)));
 
     // A replica is added, chats in flight.
     let spare = replicas[3].name.clone();
@@ -243,20 +261,16 @@ pub async fn run(env: &mut Env, mode: Mode) -> Result<AffinityResult> {
         .await?;
     let l3 = line(&addrs[3], false);
     f.applied(r, &w, |t| t.contains(&l3)).await?;
-    events.push(count(
-        "replica added",
-        users.stream_all(&none, async {}).await,
-    ));
+    let t = users.stream_all(&none, async {}).await;
+    events.push(count("replica added", t, since(&f)));
 
     // The replica just added is removed, chats in flight.
     users.join_all().await;
     let (r, w) = (f.nginx.reloads(), f.nginx.worker_pids());
     etcd.delete(format!("{prefix}{spare}"), None).await?;
     f.applied(r, &w, |t| !t.contains(&addrs[3])).await?;
-    events.push(count(
-        "added replica removed",
-        users.stream_all(&gone(&spare), async {}).await,
-    ));
+    let t = users.stream_all(&gone(&spare), async {}).await;
+    events.push(count("added replica removed", t, since(&f)));
 
     // A replica restarts: killed, rendered down; chats; started again, chats in flight.
     let b = replicas[1].name.clone();
@@ -264,24 +278,25 @@ pub async fn run(env: &mut Env, mode: Mode) -> Result<AffinityResult> {
     replicas[1].kill();
     let down = line(&addrs[1], true);
     f.applied(r, &w, |t| t.contains(&down)).await?;
-    events.push(count("restart: down", users.chat_all(&gone(&b)).await));
+    let t = users.chat_all(&gone(&b)).await;
+    events.push(count("restart: down", t, since(&f)));
     users.join_all().await;
     let (r, w) = (f.nginx.reloads(), f.nginx.worker_pids());
     let dir = env.dir("affinity-restart")?;
-    let ip = addrs[1]
-        .rsplit_once(':')
-        .context("an address")?
-        .0
-        .to_owned();
-    replicas[1] = Replica::start(&env.bins, &b, &ip, REPLICA_PORT, &extra, &dir, &env.logs).await?;
+    let (ip, port) = addrs[1].rsplit_once(':').context("an address")?;
+    let port: u16 = port.parse()?;
+    // The killed replica's socket may take a moment to go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind((ip, port)).is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replicas[1] = Replica::start(&env.bins, &b, ip, port, &extra, &dir, &env.logs).await?;
     if replicas[1].addr != addrs[1] {
         bail!("the restarted replica could not take its address back");
     }
     f.applied(r, &w, |t| t.contains(&l1)).await?;
-    events.push(count(
-        "restart: up",
-        users.stream_all(&none, async {}).await,
-    ));
+    let t = users.stream_all(&none, async {}).await;
+    events.push(count("restart: up", t, since(&f)));
 
     // A replica is killed while answers stream; then the next chats.
     let c = replicas[2].name.clone();
@@ -293,8 +308,9 @@ pub async fn run(env: &mut Env, mode: Mode) -> Result<AffinityResult> {
             victim.kill();
         })
         .await;
-    events.push(count("killed: streaming", killed));
-    events.push(count("killed: next chats", users.chat_all(&gone(&c)).await));
+    events.push(count("killed: streaming", killed, since(&f)));
+    let t = users.chat_all(&gone(&c)).await;
+    events.push(count("killed: next chats", t, since(&f)));
     Ok(AffinityResult {
         mode,
         users: users_n,
@@ -401,27 +417,28 @@ pub fn markdown(md: &mut String, results: &[AffinityResult], cost: Option<&TestC
     if let Some(base) = sticky.or(hash) {
         let _ = writeln!(
             md,
-            "| event | chats | hash: moved | hash: failed | sticky: moved | sticky: failed |\n|---|---|---|---|---|---|"
+            "| event | chats | hash: moved | hash: failed | hash: reloads | sticky: moved | sticky: failed | sticky: reloads |\n|---|---|---|---|---|---|---|---|"
         );
-        let cell = |r: Option<&AffinityResult>, i: usize, moved: bool| {
-            r.and_then(|r| r.events.get(i)).map_or("—".to_owned(), |e| {
-                if moved {
-                    format!("{} ({})", e.moved, e.moved_excused)
-                } else {
-                    format!("{} ({})", e.failed, e.failed_excused)
-                }
-            })
+        let cell = |r: Option<&AffinityResult>, i: usize, what: usize| {
+            r.and_then(|r| r.events.get(i))
+                .map_or("—".to_owned(), |e| match what {
+                    0 => format!("{} ({})", e.moved, e.moved_excused),
+                    1 => format!("{} ({})", e.failed, e.failed_excused),
+                    _ => e.reloads.to_string(),
+                })
         };
         for (i, e) in base.events.iter().enumerate() {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 e.event,
                 e.chats,
-                cell(hash, i, true),
-                cell(hash, i, false),
-                cell(sticky, i, true),
-                cell(sticky, i, false)
+                cell(hash, i, 0),
+                cell(hash, i, 1),
+                cell(hash, i, 2),
+                cell(sticky, i, 0),
+                cell(sticky, i, 1),
+                cell(sticky, i, 2)
             );
         }
         let _ = writeln!(md);

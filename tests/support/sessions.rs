@@ -17,19 +17,20 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-/// How one chat ended.
+/// Where one user's chat stream landed, and how the chat ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// `process_completed` arrived, from this replica.
-    Answered(String),
-    /// The chat failed: why.
-    Failed(String),
+struct Outcome {
+    /// The replica that answered the user's `GET /` just before the stream (where the
+    /// user's requests go now), if it answered.
+    landed: Option<String>,
+    /// The replica that completed the chat, or why the chat failed.
+    chat: Result<String, String>,
 }
 
 /// One simulated user.
 struct User {
     client: reqwest::Client,
-    /// The replica that answered this user's last completed chat.
+    /// The replica this user's requests went to last (its session's replica).
     home: Option<String>,
     /// The session of the chat in progress, between `join_all` and `stream_all`.
     session: Option<String>,
@@ -127,10 +128,12 @@ impl Users {
             let client = u.client.clone();
             let session = u.session.clone();
             async move {
-                match session {
+                let landed = page(&client, &base).await.ok();
+                let chat = match session {
                     Some(s) => stream(&client, &base, &s).await,
-                    None => Outcome::Failed("the join failed".into()),
-                }
+                    None => Err("the join failed".into()),
+                };
+                Outcome { landed, chat }
             }
         });
         let (outcomes, ()) = futures::join!(join_all(streams), during);
@@ -140,19 +143,32 @@ impl Users {
         };
         for (u, outcome) in self.users.iter_mut().zip(outcomes) {
             let excused = u.home.as_ref().is_some_and(|h| gone.contains(h));
-            match outcome {
-                Outcome::Answered(by) => {
-                    if u.home.as_ref().is_some_and(|h| *h != by) {
-                        if excused {
-                            tally.moved_excused += 1;
-                        } else {
-                            tally.moved += 1;
-                        }
-                    }
-                    u.home = Some(by);
+            // Where the user is now: the replica that streamed its answer, else the one its
+            // page request reached (a failed chat may still have moved the user).
+            let now = outcome
+                .chat
+                .as_ref()
+                .ok()
+                .or(outcome.landed.as_ref())
+                .cloned();
+            if let (Some(home), Some(now)) = (&u.home, &now) {
+                if home != now {
+                    *if excused {
+                        &mut tally.moved_excused
+                    } else {
+                        &mut tally.moved
+                    } += 1;
                 }
-                Outcome::Failed(_) if excused => tally.failed_excused += 1,
-                Outcome::Failed(_) => tally.failed += 1,
+            }
+            if outcome.chat.is_err() {
+                *if excused {
+                    &mut tally.failed_excused
+                } else {
+                    &mut tally.failed
+                } += 1;
+            }
+            if now.is_some() {
+                u.home = now;
             }
             u.session = None;
         }
@@ -166,8 +182,8 @@ impl Users {
     }
 }
 
-/// The page, then the queue join.
-async fn join(client: &reqwest::Client, base: &str, session: &str) -> Result<(), String> {
+/// `GET /`: the replica that answered (the stand-in's page names it).
+async fn page(client: &reqwest::Client, base: &str) -> Result<String, String> {
     let page = client
         .get(format!("{base}/"))
         .send()
@@ -176,6 +192,16 @@ async fn join(client: &reqwest::Client, base: &str, session: &str) -> Result<(),
     if !page.status().is_success() {
         return Err(format!("page: {}", page.status()));
     }
+    let body = page.text().await.map_err(|e| format!("page: {e}"))?;
+    body.trim()
+        .strip_prefix("kotaemon-standin ")
+        .map(str::to_owned)
+        .ok_or_else(|| format!("page: not a stand-in: {body:?}"))
+}
+
+/// The page, then the queue join.
+async fn join(client: &reqwest::Client, base: &str, session: &str) -> Result<(), String> {
+    page(client, base).await?;
     let join = client
         .post(format!("{base}/queue/join"))
         .json(
@@ -191,39 +217,32 @@ async fn join(client: &reqwest::Client, base: &str, session: &str) -> Result<(),
     Ok(())
 }
 
-/// The SSE data stream of `session`, read to its end.
-async fn stream(client: &reqwest::Client, base: &str, session: &str) -> Outcome {
-    let body = match client
+/// The SSE data stream of `session`, read to its end: the replica that completed the chat.
+async fn stream(client: &reqwest::Client, base: &str, session: &str) -> Result<String, String> {
+    let body = client
         .get(format!("{base}/queue/data?session_hash={session}"))
         .send()
         .await
-    {
-        Ok(r) => r.text().await,
-        Err(e) => return Outcome::Failed(format!("data: {e}")),
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return Outcome::Failed(format!("stream broken: {e}")),
-    };
+        .map_err(|e| format!("data: {e}"))?
+        .text()
+        .await
+        .map_err(|e| format!("stream broken: {e}"))?;
     let mut answer = None;
     for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            return Outcome::Failed(format!("not JSON: {line}"));
-        };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|_| format!("not JSON: {line}"))?;
         match v["msg"].as_str() {
             Some("process_completed") => {
                 answer = v["output"]["data"][0].as_str().map(str::to_owned)
             }
-            Some("unexpected_error") => return Outcome::Failed(v["message"].to_string()),
+            Some("unexpected_error") => return Err(v["message"].to_string()),
             _ => {}
         }
     }
     // "answer from <replica>: tok1 … tokN"
-    match answer
+    answer
         .as_deref()
         .and_then(|a| a.strip_prefix("answer from "))
-    {
-        Some(rest) => Outcome::Answered(rest.split(':').next().unwrap_or_default().to_owned()),
-        None => Outcome::Failed("no process_completed".into()),
-    }
+        .map(|rest| rest.split(':').next().unwrap_or_default().to_owned())
+        .ok_or_else(|| "no process_completed".into())
 }
