@@ -20,8 +20,21 @@ const CONTEXT: &[u8] = b"upstreamd affinity id v1";
 ///
 /// Derived from the secret (`affinity_secret_file`, or none) and the upstream's name, so two
 /// upstreams never share ids. Never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AffinityKey([u8; 32]);
+#[derive(Clone)]
+pub struct AffinityKey {
+    /// The derived key's bytes: what equality compares.
+    bytes: [u8; 32],
+    /// The same key, with its HMAC state computed once (an id is then one `sign`).
+    hmac: hmac::Key,
+}
+
+impl PartialEq for AffinityKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for AffinityKey {}
 
 impl AffinityKey {
     /// The key for `upstream` with `secret`; without a secret the ids are still stable but an
@@ -32,15 +45,17 @@ impl AffinityKey {
         ctx.update(CONTEXT);
         ctx.update(&[0]);
         ctx.update(upstream.as_str().as_bytes());
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ctx.sign().as_ref());
-        Self(key)
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(ctx.sign().as_ref());
+        Self {
+            bytes,
+            hmac: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+        }
     }
 
     /// The id of the replica at `address`.
     pub fn id(&self, address: &Address) -> AffinityId {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
-        let tag = hmac::sign(&key, address.to_string().as_bytes());
+        let tag = hmac::sign(&self.hmac, address.to_string().as_bytes());
         let mut id = [0u8; 8];
         id.copy_from_slice(&tag.as_ref()[..8]);
         AffinityId(u64::from_be_bytes(id))

@@ -71,14 +71,14 @@ fn before(nginx: &Nginx) -> Before {
 /// nginx has reloaded since `before`, and no worker of the generation before is left.
 fn wait_applied(nginx: &Nginx, before: Before, routed: usize, server_line: &str, present: bool) {
     let (reloads, old) = before;
-    wait_for("the change in the file", Duration::from_secs(15), || {
+    wait_for("the change in the file", Duration::from_secs(30), || {
         let text = nginx.rendered();
         groups(nginx) == routed && text.contains(server_line) == present
     });
-    wait_for("nginx to reload", Duration::from_secs(10), || {
+    wait_for("nginx to reload", Duration::from_secs(30), || {
         nginx.reloads() > reloads
     });
-    wait_for("the old workers to leave", Duration::from_secs(10), || {
+    wait_for("the old workers to leave", Duration::from_secs(30), || {
         nginx.wait_for_workers().is_disjoint(&old)
     });
 }

@@ -101,7 +101,7 @@ fn grammar() -> &'static Grammar {
                     "map",
                     format!(r#"    "~\^:"   "{w}=\$request_id; Path=/; HttpOnly; SameSite=Lax";"#),
                 ),
-                line("map", format!(r#"    "{ID}:{ID}" "";"#)),
+                line("map", r#"    "~\^\(\[0-9a-f\]\+\):\\1\$" "";"#.into()),
                 line(
                     "map",
                     format!(r#"    default "{w}=\${w}_affinity_served; Path=/; HttpOnly; SameSite=Lax";"#),
