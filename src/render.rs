@@ -225,7 +225,7 @@ mod tests {
             "map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}\n".into(),
             "map $upstream_addr $kotaemon_affinity_last {\n    \"~([^ ]+)$\" $1;\n    default \"\";\n}\n".into(),
             format!("map $kotaemon_affinity_last $kotaemon_affinity_served {{\n    default \"\";\n    \"127.0.0.2:7860\" {id};\n}}\n"),
-            format!("map \"$cookie_kh_affinity:$kotaemon_affinity_served\" $kotaemon_affinity_cookie {{\n    \"~^:\"   \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    \"~:$\"   \"\";\n    \"~^([0-9a-f]+):\\1$\" \"\";\n    default \"kh_affinity=$kotaemon_affinity_served; Path=/; HttpOnly; SameSite=Lax\";\n}}\n"),
+            "map \"$cookie_kh_affinity:$kotaemon_affinity_served\" $kotaemon_affinity_cookie {\n    \"~^:\"   \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    \"~:$\"   \"\";\n    \"~^([0-9a-f]+):\\1$\" \"\";\n    default \"kh_affinity=$kotaemon_affinity_served; Path=/; HttpOnly; SameSite=Lax\";\n}\n".into(),
             "    hash $kotaemon_affinity_key consistent;\n    server 127.0.0.2:7860;\n    server 127.0.0.3:7860 down;\n".into(),
             format!("upstream kotaemon__{id} {{\n    server 127.0.0.2:7860;\n    keepalive 32;\n}}\n"),
         ] {
