@@ -80,6 +80,12 @@ fn grammar() -> &'static Grammar {
                 ),
                 line(
                     "comment",
+                    r"# Many replica ids: the map hash sized for them \(nginx's default warns from about 200\)\.".into(),
+                ),
+                line("http", r"map_hash_bucket_size 128;".into()),
+                line("http", r"map_hash_max_size [0-9]{4,7};".into()),
+                line(
+                    "comment",
                     r"    # Every endpoint fails its health check: on_all_unhealthy = (?:fail_open|fail_closed)\.".into(),
                 ),
                 line("open", format!(r"map \$cookie_{w} \${w}_affinity_(?:route|key) \{{")),
@@ -175,6 +181,8 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
                 depth = 0;
             }
             "blank" | "comment" => {}
+            "http" if depth == 0 => {}
+            "http" => return Err(at("an http-level directive inside a block")),
             _ if depth != 1 => return Err(at("a directive outside a block")),
             _ => {}
         }
