@@ -38,11 +38,7 @@ pub fn run(cmd: &mut Command) -> Output {
 /// Runs `cmd` and panics with its output unless it exits 0; returns its stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&format!("{cmd:?}"), &out)
-    );
+    assert!(out.status.success(), "{}", describe(&format!("{cmd:?}"), &out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -59,7 +55,9 @@ pub fn describe(cmd: &str, out: &Output) -> String {
 /// The Debian 12 base image's name, made by scripts/docker-base.sh if missing.
 pub fn base_image() -> String {
     let script = repo().join("scripts/docker-base.sh");
-    run_ok(Command::new("bash").arg(script)).trim().to_owned()
+    run_ok(Command::new("bash").arg(script))
+        .trim()
+        .to_owned()
 }
 
 /// A running container, removed (with its anonymous volumes) in `Drop`.
