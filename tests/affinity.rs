@@ -68,7 +68,7 @@ fn before(nginx: &Nginx) -> Before {
 }
 
 /// Waits until the file routes to `routed` replicas with `server_line` present (or absent),
-/// nginx has reloaded since `before`, and no worker of the generation before is left.
+/// nginx has reloaded since `before`, and every worker of the generation before is leaving.
 fn wait_applied(nginx: &Nginx, before: Before, routed: usize, server_line: &str, present: bool) {
     let (reloads, old) = before;
     wait_for("the change in the file", Duration::from_secs(30), || {
@@ -78,9 +78,19 @@ fn wait_applied(nginx: &Nginx, before: Before, routed: usize, server_line: &str,
     wait_for("nginx to reload", Duration::from_secs(30), || {
         nginx.reloads() > reloads
     });
-    wait_for("the old workers to leave", Duration::from_secs(30), || {
-        nginx.wait_for_workers().is_disjoint(&old)
-    });
+    // A worker of the old generation stops accepting once it is shutting down; it may live on
+    // while a connection it took drains, which users opening new connections never meet.
+    wait_for(
+        "the old workers to stop accepting",
+        Duration::from_secs(30),
+        || {
+            nginx.wait_for_workers().iter().all(|pid| {
+                !old.contains(pid)
+                    || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .map_or(true, |c| c.contains("shutting down"))
+            })
+        },
+    );
 }
 
 fn print(event: &str, t: &Tally) {
