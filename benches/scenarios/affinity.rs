@@ -94,7 +94,17 @@ impl Front {
         std::fs::read_to_string(self.nginx.output()).unwrap_or_default()
     }
 
-    /// Waits until `ok(file)`, a reload after `reloads`, and the old workers gone.
+    /// Every worker of `old` is gone or shutting down (it no longer accepts connections).
+    fn old_generation_leaving(&self, old: &BTreeSet<i32>) -> bool {
+        let Some(master) = self.nginx.master() else {
+            return false;
+        };
+        procs::children(master)
+            .iter()
+            .all(|(pid, cmdline)| !old.contains(pid) || cmdline.contains("shutting down"))
+    }
+
+    /// Waits until `ok(file)`, a reload after `reloads`, and the old workers leaving.
     async fn applied(
         &mut self,
         reloads: usize,
@@ -104,7 +114,7 @@ impl Front {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(ok(&self.rendered())
             && self.nginx.reloads() > reloads
-            && self.nginx.worker_pids().is_disjoint(old))
+            && self.old_generation_leaving(old))
         {
             if Instant::now() > deadline {
                 bail!(
