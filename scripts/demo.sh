@@ -31,7 +31,7 @@ http {
 }
 NGX
 cp examples/nginx/kotaemon-site.conf "$dir/conf/"
-echo 'upstream kotaemon { server 127.0.0.1:1 down; } map $uri $kotaemon_affinity_cookie { default ""; }' > "$dir/conf/upstreams.conf"
+echo 'upstream kotaemon { server 127.0.0.1:1 down; } map $uri $kotaemon_affinity_route { default kotaemon; } map $uri $kotaemon_affinity_cookie { default ""; }' > "$dir/conf/upstreams.conf"
 sed "s|@DIR@|$dir|g" examples/demo.toml > "$dir/upstreamd.toml"
 
 for i in 2 3 4; do

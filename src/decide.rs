@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::affinity::{routes, Route};
 use crate::config::{AllUnhealthy, Balance, UpstreamConfig};
 use crate::health::Health;
 use crate::model::{Address, Endpoint, RegistryState, ServerAttrs, UpstreamName};
@@ -58,6 +59,9 @@ pub struct Desired {
     pub all_unhealthy: bool,
     /// `backup` flags dropped because the balancing method forbids them (addresses).
     pub dropped_backup: Vec<Address>,
+    /// With `balance = "sticky"`: the replicas an affinity id routes to (every server rendered
+    /// up), each with its id; empty with any other balance.
+    pub routes: Vec<Route>,
 }
 
 impl Desired {
@@ -131,7 +135,7 @@ pub fn decide(
             s.down = false;
         }
     }
-    Desired {
+    let mut desired = Desired {
         name: cfg.name.clone(),
         balance: cfg.balance,
         hash_key: cfg.hash_key.clone(),
@@ -141,7 +145,12 @@ pub fn decide(
         servers,
         all_unhealthy,
         dropped_backup,
+        routes: Vec::new(),
+    };
+    if cfg.balance == Balance::Sticky {
+        desired.routes = routes(&desired, &cfg.affinity_key);
     }
+    desired
 }
 
 #[cfg(test)]
@@ -156,6 +165,10 @@ pub(crate) mod tests {
             balance,
             hash_key: (balance == Balance::Hash).then(|| "$cookie_session".to_owned()),
             affinity_cookie: "kh_affinity".into(),
+            affinity_key: crate::affinity::AffinityKey::new(
+                &UpstreamName::new(name).unwrap(),
+                Some(b"a test secret of 32 bytes or so"),
+            ),
             keepalive: 32,
             on_all_unhealthy: AllUnhealthy::FailOpen,
             max_shrink: 0.5,
@@ -304,6 +317,49 @@ pub(crate) mod tests {
         assert_eq!(sticky.dropped_backup.len(), 1);
         let rr = decide(&upstream("k", Balance::RoundRobin), &eps, |_| Health::Up);
         assert!(rr.servers[0].attrs.backup && rr.dropped_backup.is_empty());
+    }
+
+    #[test]
+    fn sticky_routes_name_every_server_rendered_up_and_no_down_one() {
+        let cfg = upstream("k", Balance::Sticky);
+        let eps = endpoints(&[ep("127.0.0.2:80"), ep("127.0.0.3:80"), ep("127.0.0.4:80")]);
+        let d = decide(&cfg, &eps, |a| {
+            if a.to_string() == "127.0.0.3:80" {
+                Health::Down
+            } else {
+                Health::Up
+            }
+        });
+        let routed: Vec<String> = d.routes.iter().map(|r| r.address.to_string()).collect();
+        assert_eq!(routed, vec!["127.0.0.2:80", "127.0.0.4:80"]);
+        assert_eq!(d.routes[0].id, cfg.affinity_key.id(&d.routes[0].address));
+        let hash = decide(&upstream("k", Balance::Hash), &eps, |_| Health::Up);
+        assert!(hash.routes.is_empty());
+    }
+
+    #[test]
+    fn a_replica_keeps_its_id_whoever_else_joins_or_leaves() {
+        let cfg = upstream("k", Balance::Sticky);
+        let ids = |list: &[Endpoint]| -> BTreeMap<String, String> {
+            decide(&cfg, &endpoints(list), |_| Health::Up)
+                .routes
+                .iter()
+                .map(|r| (r.address.to_string(), r.id.to_string()))
+                .collect()
+        };
+        let three = ids(&[ep("127.0.0.2:80"), ep("127.0.0.3:80"), ep("127.0.0.4:80")]);
+        let four = ids(&[
+            ep("127.0.0.2:80"),
+            ep("127.0.0.3:80"),
+            ep("127.0.0.4:80"),
+            ep("127.0.0.5:80"),
+        ]);
+        let two = ids(&[ep("127.0.0.2:80"), ep("127.0.0.4:80")]);
+        for (addr, id) in &three {
+            assert_eq!(four.get(addr), Some(id));
+        }
+        assert_eq!(two.get("127.0.0.2:80"), three.get("127.0.0.2:80"));
+        assert_eq!(two.get("127.0.0.4:80"), three.get("127.0.0.4:80"));
     }
 
     #[test]

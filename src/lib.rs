@@ -10,6 +10,7 @@
 //! - [`sources`]: static, Consul and etcd sources sending full snapshots.
 //! - [`health`]: the hysteresis state machine and the HTTP prober.
 //! - [`decide`]: membership from registry state and probe verdicts (pure).
+//! - [`affinity`]: the opaque replica ids of `balance = "sticky"` cookies (pure).
 //! - [`render`]: the include file's bytes from the decided upstreams (pure).
 //! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback.
 //! - [`feedback`]: nginx's error log followed; upstream failures it reports bring probes
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod affinity;
 pub mod config;
 pub mod controller;
 pub mod decide;

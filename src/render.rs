@@ -9,6 +9,7 @@ use std::path::Path;
 use minijinja::{AutoEscape, Environment};
 use serde::Serialize;
 
+use crate::affinity::GROUP_SEPARATOR;
 use crate::config::{AllUnhealthy, Balance};
 use crate::decide::{Desired, Verdict};
 
@@ -88,6 +89,13 @@ struct ServerCtx {
 }
 
 #[derive(Serialize)]
+struct RouteCtx {
+    id: String,
+    address: String,
+    group: String,
+}
+
+#[derive(Serialize)]
 struct UpstreamCtx<'a> {
     name: &'a str,
     balance: Balance,
@@ -99,6 +107,7 @@ struct UpstreamCtx<'a> {
     all_unhealthy: bool,
     on_all_unhealthy: AllUnhealthy,
     servers: Vec<ServerCtx>,
+    routes: Vec<RouteCtx>,
 }
 
 /// The shared-memory zone for servers with these addresses, in KiB: 64 KiB, plus 1 KiB and
@@ -111,6 +120,19 @@ struct UpstreamCtx<'a> {
 pub fn zone_size<'a>(addresses: impl IntoIterator<Item = &'a str>) -> String {
     let bytes: usize = addresses.into_iter().map(|a| 1024 + a.len()).sum();
     format!("{}k", 64 + bytes.div_ceil(1024))
+}
+
+/// Routes (replica ids of sticky upstreams) above which the file sizes nginx's map hash.
+const MAP_HASH_ROUTES: usize = 100;
+
+/// `map_hash_max_size` for `routes` replica ids, or none below [`MAP_HASH_ROUTES`].
+///
+/// Measured with nginx 1.22 `nginx -t`: the default map hash (`map_hash_max_size 2048`,
+/// `map_hash_bucket_size 64`) warns "could not build optimal map_hash" from about 200 ids;
+/// a bucket of 128 and a max size of 8 a route (rounded up to a power of two) build without
+/// a warning at 1,000 and 10,000.
+pub fn map_hash_max_size(routes: usize) -> Option<usize> {
+    (routes > MAP_HASH_ROUTES).then(|| (routes * 8).next_power_of_two().max(2048))
 }
 
 impl Renderer {
@@ -188,13 +210,25 @@ impl Renderer {
                     all_unhealthy: d.all_unhealthy,
                     on_all_unhealthy: *policy,
                     servers,
+                    routes: d
+                        .routes
+                        .iter()
+                        .map(|r| RouteCtx {
+                            id: r.id.to_string(),
+                            address: r.address.to_string(),
+                            group: format!("{}{GROUP_SEPARATOR}{}", d.name, r.id),
+                        })
+                        .collect(),
                 }
             })
             .collect();
+        let routes: usize = upstreams.iter().map(|(d, _)| d.routes.len()).sum();
         let tmpl = self.env.get_template(&self.name)?;
-        Ok(tmpl.render(
-            minijinja::context! { upstreams => ctx, version => env!("CARGO_PKG_VERSION") },
-        )?)
+        Ok(tmpl.render(minijinja::context! {
+            upstreams => ctx,
+            map_hash_max_size => map_hash_max_size(routes),
+            version => env!("CARGO_PKG_VERSION"),
+        })?)
     }
 }
 
@@ -237,13 +271,37 @@ mod tests {
     }
 
     #[test]
-    fn sticky_renders_the_two_maps_named_after_the_upstream() {
-        let text = render_one(Balance::Sticky, &[ep("127.0.0.2:7860")], Health::Up);
-        assert!(text.contains("map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}"));
-        assert!(text.contains(
-            "map $cookie_kh_affinity $kotaemon_affinity_cookie {\n    \"\"      \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    default \"\";\n}"
-        ));
-        assert!(text.contains("    hash $kotaemon_affinity_key consistent;\n"));
+    fn sticky_routes_each_up_replica_id_to_its_own_group_and_the_rest_to_the_hash() {
+        let cfg = upstream("kotaemon", Balance::Sticky);
+        let eps = [ep("127.0.0.2:7860"), ep("127.0.0.3:7860")];
+        let d = decide(&cfg, &merge([&eps[..]]), |a| {
+            if a.port == 7860 && a.to_string().starts_with("127.0.0.3") {
+                Health::Down
+            } else {
+                Health::Up
+            }
+        });
+        let text = Renderer::new(None)
+            .unwrap()
+            .render(&[(d, cfg.on_all_unhealthy)])
+            .unwrap();
+        let id = cfg.affinity_key.id(&"127.0.0.2:7860".parse().unwrap());
+        let down = cfg.affinity_key.id(&"127.0.0.3:7860".parse().unwrap());
+        for want in [
+            format!("map $cookie_kh_affinity $kotaemon_affinity_route {{\n    default kotaemon;\n    {id} kotaemon__{id};\n}}\n"),
+            "map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}\n".into(),
+            "map $upstream_addr $kotaemon_affinity_last {\n    \"~([^ ]+)$\" $1;\n    default \"\";\n}\n".into(),
+            format!("map $kotaemon_affinity_last $kotaemon_affinity_served {{\n    default \"\";\n    \"127.0.0.2:7860\" {id};\n}}\n"),
+            "map \"$cookie_kh_affinity:$kotaemon_affinity_served\" $kotaemon_affinity_cookie {\n    \"~^:\"   \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    \"~:$\"   \"\";\n    \"~^([0-9a-f]+):\\1$\" \"\";\n    default \"kh_affinity=$kotaemon_affinity_served; Path=/; HttpOnly; SameSite=Lax\";\n}\n".into(),
+            "    hash $kotaemon_affinity_key consistent;\n    server 127.0.0.2:7860;\n    server 127.0.0.3:7860 down;\n".into(),
+            format!("upstream kotaemon__{id} {{\n    server 127.0.0.2:7860;\n    keepalive 32;\n}}\n"),
+        ] {
+            assert!(text.contains(&want), "missing:\n{want}\n---- in:\n{text}");
+        }
+        assert!(
+            !text.contains(&down.to_string()),
+            "a down replica's id routes nowhere\n{text}"
+        );
     }
 
     #[test]
@@ -282,6 +340,14 @@ mod tests {
         assert!(Renderer::from_source("{% for %}".into()).is_err());
         let r = Renderer::from_source("{{ nosuchvar.x }}".into()).unwrap();
         assert!(r.render(&[]).is_err());
+    }
+
+    #[test]
+    fn the_map_hash_is_sized_only_for_many_replica_ids() {
+        assert_eq!(map_hash_max_size(100), None);
+        assert_eq!(map_hash_max_size(101), Some(2048));
+        assert_eq!(map_hash_max_size(1_000), Some(8192));
+        assert_eq!(map_hash_max_size(10_000), Some(131_072));
     }
 
     #[test]

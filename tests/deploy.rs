@@ -483,13 +483,15 @@ fn compose_nginx_config_passes_nginx_t_with_upstreamds_include() {
     };
     let include = rendered_include();
     for wanted in [
-        "map $cookie_kh_affinity $kotaemon_affinity_cookie {",
+        "map \"$cookie_kh_affinity:$kotaemon_affinity_served\" $kotaemon_affinity_cookie {",
+        "map $cookie_kh_affinity $kotaemon_affinity_route {",
         "upstream kotaemon {",
         "    hash $kotaemon_affinity_key consistent;\n",
         "    server 172.29.57.11:7860 weight=2;\n",
         "    server 172.29.57.13:7860 weight=1 down;\n",
         "    keepalive 32;\n",
-        "map $cookie_kh_real_affinity $kotaemon_real_affinity_cookie {",
+        "map \"$cookie_kh_real_affinity:$kotaemon_real_affinity_served\" $kotaemon_real_affinity_cookie {",
+        "\nupstream kotaemon__",
         "    server 172.29.57.21:7860 weight=1 down;\n",
     ] {
         assert!(include.contains(wanted), "no `{wanted}` in\n{include}");

@@ -170,19 +170,19 @@ fn health(seed: u8, a: &Address) -> Health {
 fn render_and_check(upstreams: &[(UpstreamConfig, Vec<Vec<Endpoint>>)], seed: u8) -> usize {
     let mut pairs = Vec::new();
     let mut expected = BTreeSet::new();
-    let mut servers = 0;
+    let (mut servers, mut groups) = (0, 0);
     for (cfg, snapshots) in upstreams {
         let merged: BTreeMap<Address, Endpoint> = merge(snapshots.iter().map(Vec::as_slice));
-        servers += merged.len().max(1);
+        let d = decide(cfg, &merged, |a| health(seed, a));
+        // A sticky upstream adds one group, with one server, a replica rendered up.
+        groups += d.routes.len();
+        servers += merged.len().max(1) + d.routes.len();
         expected.extend(merged.keys().map(ToString::to_string));
-        pairs.push((
-            decide(cfg, &merged, |a| health(seed, a)),
-            cfg.on_all_unhealthy,
-        ));
+        pairs.push((d, cfg.on_all_unhealthy));
     }
     let text = Renderer::new(None).unwrap().render(&pairs).unwrap();
     let want = shape::Expected {
-        upstreams: upstreams.len(),
+        upstreams: upstreams.len() + groups,
         servers,
     };
     shape::assert_renders(&text, want, &expected);
@@ -536,4 +536,50 @@ fn the_shape_check_catches_what_it_is_for() {
             "accepted an injected file:\n{bad}"
         );
     }
+
+    // Affinity routing: an id routes only to its own group, and only to a group that exists.
+    let id = "0123456789abcdef";
+    let sticky = format!(
+        "map $cookie_c $k_affinity_route {{\n    default k;\n    {id} k__{id};\n}}\n\
+         map $k_affinity_last $k_affinity_served {{\n    default \"\";\n    \"10.0.0.1:80\" {id};\n}}\n\
+         upstream k {{\n    server 10.0.0.1:80;\n}}\nupstream k__{id} {{\n    server 10.0.0.1:80;\n}}\n"
+    );
+    let two = shape::Expected {
+        upstreams: 2,
+        servers: 2,
+    };
+    shape::check(&sticky, two).unwrap();
+    for (from, to) in [
+        (
+            format!("    {id} k__{id};"),
+            format!("    {id} k__fedcba9876543210;"),
+        ),
+        (
+            format!("{id} k__{id};"),
+            format!("{id} k__{id}; return 200;"),
+        ),
+        (
+            format!("{id} k__{id};"),
+            format!("{id} k__{id}\n    \"\" k;"),
+        ),
+        (format!("{id} k__{id};"), format!("{id} 6.6.6.6:80;")),
+        (
+            format!("\"10.0.0.1:80\" {id};"),
+            format!("\"10.0.0.1:80\" {id} x;"),
+        ),
+    ] {
+        let bad = sticky.replace(&from, &to);
+        assert!(
+            shape::check(&bad, two).is_err(),
+            "accepted an injected routing map:\n{bad}"
+        );
+    }
+    let dangling = sticky.replace(
+        &format!("upstream k__{id} {{\n    server 10.0.0.1:80;\n}}\n"),
+        "",
+    );
+    assert!(
+        shape::check(&dangling, one).is_err(),
+        "a route to no group:\n{dangling}"
+    );
 }

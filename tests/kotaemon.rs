@@ -75,7 +75,9 @@ impl SiteNginx {
         assert_eq!(code, 0, "{stderr}");
         let mut text = stdout;
         if balance != "sticky" {
-            // The site adds the affinity cookie header; without sticky the variable must still exist.
+            // The site routes on and sets the affinity variables; without sticky they must
+            // still exist.
+            text.push_str("map $uri $kotaemon_affinity_route { default kotaemon; }\n");
             text.push_str("map $uri $kotaemon_affinity_cookie { default \"\"; }\n");
         }
         std::fs::write(self.dir.path().join("conf/upstreams.conf"), text).unwrap();

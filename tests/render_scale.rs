@@ -40,15 +40,18 @@ fn endpoints(n: usize) -> BTreeMap<Address, Endpoint> {
         .collect()
 }
 
-fn nginx_test(rendered: &str) -> std::process::Output {
+/// `nginx -t` on `rendered` included in a site whose location proxies to `target`.
+fn nginx_test(rendered: &str, target: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("conf")).unwrap();
     std::fs::create_dir_all(dir.path().join("logs")).unwrap();
     std::fs::write(dir.path().join("conf/upstreams.conf"), rendered).unwrap();
     std::fs::write(
         dir.path().join("conf/nginx.conf"),
-        "pid logs/nginx.pid;\nerror_log logs/error.log;\nevents {}\nhttp {\n  include upstreams.conf;\n  \
-         server {\n    listen 127.0.0.1:1;\n    location / { proxy_pass http://kotaemon; }\n  }\n}\n",
+        format!(
+            "pid logs/nginx.pid;\nerror_log logs/error.log;\nevents {{}}\nhttp {{\n  include upstreams.conf;\n  \
+             server {{\n    listen 127.0.0.1:1;\n    location / {{ proxy_pass http://{target}; }}\n  }}\n}}\n"
+        ),
     )
     .unwrap();
     Command::new("nginx")
@@ -67,12 +70,58 @@ fn large_upstreams_pass_nginx_t_with_every_balance_that_uses_the_zone() {
         for n in [1, 300, 1_000, 10_000] {
             let d = decide(&cfg, &endpoints(n), |_| Health::Up);
             let text = renderer.render(&[(d, cfg.on_all_unhealthy)]).unwrap();
-            let out = nginx_test(&text);
+            let out = nginx_test(&text, "kotaemon");
             assert!(
-                out.status.success(),
+                out.status.success() && out.stderr.is_empty(),
                 "{balance}, {n} servers: nginx -t failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+}
+
+/// The sticky shapes nginx must accept: no replica (the placeholder), one, many; some down,
+/// all down (`fail_closed`), registry `backup` flags (dropped: nginx refuses them with
+/// `hash`), and keepalive off. Each file also routes through the Kotaemon site's variables.
+#[test]
+fn every_sticky_shape_passes_nginx_t() {
+    let renderer = Renderer::new(None).unwrap();
+    let mut cfg = config("sticky");
+    for (n, keepalive, fail_closed, health) in [
+        (0, 32, false, "up"),
+        (1, 32, false, "up"),
+        (1, 32, true, "down"),
+        (1, 0, false, "down"),
+        (3, 32, false, "some down"),
+        (300, 32, false, "some down"),
+        (300, 0, true, "down"),
+        (1_000, 32, false, "up"),
+    ] {
+        cfg.keepalive = keepalive;
+        cfg.on_all_unhealthy = if fail_closed {
+            upstreamd::config::AllUnhealthy::FailClosed
+        } else {
+            upstreamd::config::AllUnhealthy::FailOpen
+        };
+        let mut eps = endpoints(n);
+        for (i, e) in eps.values_mut().enumerate() {
+            e.attrs.backup = i % 4 == 1;
+        }
+        let d = decide(&cfg, &eps, |a| match health {
+            "up" => Health::Up,
+            "down" => Health::Down,
+            _ if a.to_string().ends_with("1:7860") => Health::Down,
+            _ => Health::Up,
+        });
+        let up = d.up_count();
+        assert_eq!(d.routes.len(), up, "one route a replica rendered up");
+        let text = renderer.render(&[(d, cfg.on_all_unhealthy)]).unwrap();
+        let out = nginx_test(&text, "$kotaemon_affinity_route");
+        // Not even a warning: many replica ids need a bigger map hash than nginx's default.
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "sticky, {n} servers ({health}, keepalive {keepalive}): nginx -t failed: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

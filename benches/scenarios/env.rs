@@ -235,6 +235,7 @@ pub fn front_conf(
     }
     if balance != Balance::Sticky {
         site = site
+            .replace("http://$kotaemon_affinity_route;", "http://kotaemon;")
             .lines()
             .filter(|l| !l.contains("$kotaemon_affinity_cookie"))
             .collect::<Vec<_>>()
@@ -256,11 +257,12 @@ pub fn front_conf(
     Ok((conf, site))
 }
 
-/// The include before anyone renders it: one `down` placeholder, and the cookie variable the
-/// site's `add_header` needs.
+/// The include before anyone renders it: one `down` placeholder, and the variables the
+/// sticky site's `proxy_pass` and `add_header` need.
 pub fn placeholder(balance: Balance) -> String {
     let mut text = "upstream kotaemon { server 127.0.0.1:1 down; }\n".to_owned();
     if balance == Balance::Sticky {
+        text.push_str("map $uri $kotaemon_affinity_route { default kotaemon; }\n");
         text.push_str("map $uri $kotaemon_affinity_cookie { default \"\"; }\n");
     }
     text
@@ -271,8 +273,10 @@ pub fn placeholder(balance: Balance) -> String {
 pub fn static_upstream(balance: Balance, addrs: &[String]) -> String {
     let mut text = String::new();
     if balance == Balance::Sticky {
+        // nginx alone has no replica ids: every id-less request takes the consistent hash.
         text.push_str(
-            "map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}\n\
+            "map $uri $kotaemon_affinity_route {\n    default kotaemon;\n}\n\
+             map $cookie_kh_affinity $kotaemon_affinity_key {\n    \"\"      $remote_addr;\n    default $cookie_kh_affinity;\n}\n\
              map $cookie_kh_affinity $kotaemon_affinity_cookie {\n    \"\"      \"kh_affinity=$request_id; Path=/; HttpOnly; SameSite=Lax\";\n    default \"\";\n}\n",
         );
     }

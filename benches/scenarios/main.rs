@@ -10,8 +10,9 @@
 //!
 //! Modules: `env` (plan, configs, stacks) → `procs` (children) → `client` (HTTP, load, chats)
 //! → `haproxy` (the peer in nginx's place) → the scenarios `fail`, `discovery`, `churn`,
-//! `streams`, `scale` (+ `render_timing`) → `stats` → `report`.
+//! `streams`, `scale`, `affinity` (+ `render_timing`) → `stats` → `report`.
 
+mod affinity;
 mod churn;
 mod client;
 mod discovery;
@@ -36,7 +37,15 @@ use crate::fail::Event;
 use crate::procs::Bins;
 use crate::report::{Machine, Results};
 
-const SCENARIOS: [&str; 6] = ["render", "fail", "discovery", "churn", "streams", "scale"];
+const SCENARIOS: [&str; 7] = [
+    "render",
+    "fail",
+    "discovery",
+    "churn",
+    "streams",
+    "scale",
+    "affinity",
+];
 
 struct Opts {
     quick: bool,
@@ -269,6 +278,8 @@ async fn run(opts: &Opts) -> Result<bool> {
         churn: vec![],
         streams: vec![],
         scale: vec![],
+        affinity: vec![],
+        affinity_test_cost: None,
         errors: vec![],
         targets: vec![],
     };
@@ -368,6 +379,23 @@ async fn run(opts: &Opts) -> Result<bool> {
                 Ok(r) => results.scale.push(r),
                 Err(e) => failed(&mut results, &format!("scale {n}"), e),
             }
+        }
+    }
+    if wants("affinity") {
+        for mode in [affinity::Mode::Hash, affinity::Mode::Sticky] {
+            step(&format!("affinity with {}", mode.word()));
+            match affinity::run(&mut env, mode).await {
+                Ok(r) => results.affinity.push(r),
+                Err(e) => failed(&mut results, &format!("affinity / {}", mode.word()), e),
+            }
+        }
+        step("affinity: nginx -t at 1,000 replicas");
+        match env
+            .dir("affinity-nginx-t")
+            .and_then(|d| affinity::test_cost(&d, plan.render_runs))
+        {
+            Ok(c) => results.affinity_test_cost = Some(c),
+            Err(e) => failed(&mut results, "affinity / nginx -t", e),
         }
     }
     drop(env);

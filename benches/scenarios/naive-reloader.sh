@@ -16,6 +16,7 @@ pidfile="$prefix/logs/nginx.pid"
 render() {
   if [ "$balance" = sticky ]; then
     cat <<'MAPS'
+map $uri $kotaemon_affinity_route { default kotaemon; }
 map $cookie_kh_affinity $kotaemon_affinity_key {
     ""      $remote_addr;
     default $cookie_kh_affinity;

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::affinity::{AffinityResult, TestCost};
 use crate::churn::ChurnResult;
 use crate::discovery::DiscoveryResult;
 use crate::env::{Health, Peer, Plan};
@@ -38,6 +39,10 @@ pub struct Results {
     pub churn: Vec<ChurnResult>,
     pub streams: Vec<StreamsResult>,
     pub scale: Vec<ScaleResult>,
+    /// Affinity across membership changes, `hash` then `sticky`.
+    pub affinity: Vec<AffinityResult>,
+    /// `nginx -t` on 1,000 replicas in each affinity mode.
+    pub affinity_test_cost: Option<TestCost>,
     /// Scenarios the harness could not run, with the reason.
     pub errors: Vec<String>,
     pub targets: Vec<Target>,
@@ -686,6 +691,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
             let _ = writeln!(md);
         }
     }
+    crate::affinity::markdown(&mut md, &r.affinity, r.affinity_test_cost.as_ref());
     if !notes.is_empty() {
         let _ = writeln!(md, "## Notes\n\n{notes}");
     }

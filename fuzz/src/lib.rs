@@ -77,7 +77,7 @@ fn health(seed: u8, a: &Address) -> Health {
 pub fn render_and_check(upstreams: &[(UpstreamConfig, Vec<Endpoint>)], seed: u8) {
     let mut pairs = Vec::new();
     let mut expected = BTreeSet::new();
-    let mut servers = 0;
+    let (mut servers, mut groups) = (0, 0);
     for (cfg, endpoints) in upstreams {
         for e in endpoints {
             let printed = e.address.to_string();
@@ -88,18 +88,18 @@ pub fn render_and_check(upstreams: &[(UpstreamConfig, Vec<Endpoint>)], seed: u8)
             );
         }
         let merged: BTreeMap<Address, Endpoint> = merge([endpoints.as_slice()]);
-        servers += merged.len().max(1);
+        let d = decide(cfg, &merged, |a| health(seed, a));
+        // A sticky upstream adds one group, with one server, a replica rendered up.
+        groups += d.routes.len();
+        servers += merged.len().max(1) + d.routes.len();
         expected.extend(merged.keys().map(ToString::to_string));
-        pairs.push((
-            decide(cfg, &merged, |a| health(seed, a)),
-            cfg.on_all_unhealthy,
-        ));
+        pairs.push((d, cfg.on_all_unhealthy));
     }
     let text = renderer()
         .render(&pairs)
         .expect("the built-in template renders");
     let want = shape::Expected {
-        upstreams: upstreams.len(),
+        upstreams: upstreams.len() + groups,
         servers,
     };
     shape::assert_renders(&text, want, &expected);

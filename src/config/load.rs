@@ -10,10 +10,11 @@ use super::reader::{
     boolean, choice, describe, duration, duration_at_least, f64_in, non_empty, path, string,
     u32_in, Problems, Section,
 };
-use super::sources::source;
+use super::sources::{read_secret, source};
 use super::{
-    AdminConfig, AllUnhealthy, Balance, Config, HealthConfig, NginxConfig, UpstreamConfig,
+    AdminConfig, AllUnhealthy, Balance, Config, HealthConfig, NginxConfig, Secret, UpstreamConfig,
 };
+use crate::affinity::{is_group_name, AffinityKey};
 use crate::model::UpstreamName;
 
 /// One problem in a config file, at a key path such as `upstream[0].health.rise`.
@@ -252,6 +253,7 @@ fn upstreams(
             None => complete = false,
         }
     }
+    refuse_group_names(&out, p);
     complete.then_some(out)
 }
 
@@ -293,8 +295,13 @@ fn upstream(
         }
         Ok(c)
     });
-    // `hash_key` and `affinity_cookie` are accepted with any balance (the documented example
-    // sets both) and used only by the balance they belong to.
+    let affinity_secret = s.get("affinity_secret_file", p, path).and_then(|f| {
+        affinity_secret(&f)
+            .map_err(|e| p.add(&s.key_path("affinity_secret_file"), e))
+            .ok()
+    });
+    // `hash_key`, `affinity_cookie` and `affinity_secret_file` are accepted with any balance
+    // (the documented example sets them all) and used only by the balance they belong to.
     let keepalive = s.get("keepalive", p, u32_in(0, 10_000)).unwrap_or(32);
     let on_all_unhealthy = s
         .get("on_all_unhealthy", p, choice(ALL_UNHEALTHY))
@@ -323,11 +330,14 @@ fn upstream(
     }
     s.finish(p);
 
+    let name = name?;
+    let affinity_key = AffinityKey::new(&name, affinity_secret.as_ref().map(|s| s.0.as_bytes()));
     Some(UpstreamConfig {
-        name: name?,
+        name,
         balance: balance?,
         hash_key,
         affinity_cookie: affinity_cookie.unwrap_or_else(|| "upstreamd_affinity".into()),
+        affinity_key,
         keepalive,
         on_all_unhealthy,
         max_shrink,
@@ -335,6 +345,40 @@ fn upstream(
         health,
         sources: complete.then_some(sources)?,
     })
+}
+
+/// The fewest bytes an affinity secret may hold: 128 bits of a random secret.
+const MIN_AFFINITY_SECRET: usize = 16;
+
+/// `affinity_secret_file`: one line of at least 16 bytes (e.g. `openssl rand -hex 32`).
+fn affinity_secret(file: &Path) -> Result<Secret, String> {
+    let secret = read_secret(file)?;
+    if secret.0.len() < MIN_AFFINITY_SECRET {
+        return Err(format!(
+            "`{}` holds fewer than {MIN_AFFINITY_SECRET} bytes; write a random secret such as `openssl rand -hex 32`",
+            file.display()
+        ));
+    }
+    Ok(secret)
+}
+
+/// An upstream named like a sticky upstream's per-replica group (`<name>__<16 hex>`) would
+/// make the rendered file define it twice.
+fn refuse_group_names(upstreams: &[UpstreamConfig], p: &mut Problems) {
+    for (i, u) in upstreams.iter().enumerate() {
+        let clash = upstreams.iter().find(|s| {
+            s.balance == Balance::Sticky && is_group_name(u.name.as_str(), s.name.as_str())
+        });
+        if let Some(s) = clash {
+            p.add(
+                &format!("upstream[{i}].name"),
+                format!(
+                    "upstream name \"{}\" is reserved for a replica group of the sticky upstream \"{}\"",
+                    u.name, s.name
+                ),
+            );
+        }
+    }
 }
 
 /// `hash KEY consistent;`: a variable expression, never anything that could end the directive.

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::affinity::AffinityKey;
 use crate::model::{Endpoint, UpstreamName};
 
 pub use load::{load_file, parse, ConfigError, ConfigErrors, MAX_CONFIG_BYTES};
@@ -106,7 +107,10 @@ pub enum Balance {
     Hash,
     /// `random two least_conn;`
     Random,
-    /// Cookie-or-client-address consistent hash (the `map` blocks of KOTAEMON.md).
+    /// Affinity that names the replica: the affinity cookie carries the opaque id of the
+    /// replica that served the client and routes straight to it while it is up; a missing,
+    /// unknown or down id falls back to a consistent hash on the cookie (or the client
+    /// address), and the response names the replica that answered.
     Sticky,
 }
 
@@ -143,6 +147,10 @@ pub struct UpstreamConfig {
     /// `affinity_cookie`: with `balance = "sticky"`: the cookie name, `[A-Za-z0-9_]+`;
     /// default `upstreamd_affinity`.
     pub affinity_cookie: String,
+    /// The key of the replica ids in the affinity cookie, derived from the upstream name and
+    /// `affinity_secret_file` (a file holding at least 16 bytes, read at load; ids are
+    /// guessable from addresses without it). Used by `balance = "sticky"`.
+    pub affinity_key: AffinityKey,
     /// `keepalive`: idle keep-alive connections to the upstream per worker; 0 = none; default 32.
     pub keepalive: u32,
     /// `on_all_unhealthy`: default `fail_open`.

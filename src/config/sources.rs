@@ -367,7 +367,7 @@ fn both_or_neither(s: &Section<'_>, a: &str, b: &str, p: &mut Problems) {
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
 /// Reads a token or password file, trimmed. Errors never quote the file's content.
-fn read_secret(file: &Path) -> Result<Secret, String> {
+pub(super) fn read_secret(file: &Path) -> Result<Secret, String> {
     let failed = |e: std::io::Error| format!("failed to read `{}`: {e}", file.display());
     let mut text = String::new();
     std::fs::File::open(file)

@@ -68,8 +68,10 @@ pub(super) fn cases() -> Vec<(String, Vec<(Desired, AllUnhealthy)>)> {
                 (true, AllUnhealthy::FailClosed),
             ] {
                 let servers = servers(count, balance);
-                let desired = Desired {
-                    name: UpstreamName::new("trial").expect("a literal name is valid"),
+                let name = UpstreamName::new("trial").expect("a literal name is valid");
+                let key = crate::affinity::AffinityKey::new(&name, None);
+                let mut desired = Desired {
+                    name,
                     balance,
                     hash_key: (balance == Balance::Hash).then(|| "$cookie_session".to_owned()),
                     affinity_cookie: "upstreamd_affinity".into(),
@@ -78,7 +80,11 @@ pub(super) fn cases() -> Vec<(String, Vec<(Desired, AllUnhealthy)>)> {
                     all_unhealthy: all_unhealthy && !servers.is_empty(),
                     servers,
                     dropped_backup: Vec::new(),
+                    routes: Vec::new(),
                 };
+                if balance == Balance::Sticky {
+                    desired.routes = crate::affinity::routes(&desired, &key);
+                }
                 let noun = if count == 1 { "server" } else { "servers" };
                 out.push((
                     format!("{count} {noun}, balance \"{label}\""),

@@ -105,6 +105,15 @@ impl Nginx {
 
     /// Starts nginx with a custom `location` block text inside the server.
     pub fn start_with(upstream: &str, locations: &str) -> Self {
+        Self::start_site(
+            &format!("upstream {upstream} {{ server 127.0.0.1:1 down; }}\n"),
+            &|port| format!("server {{\n    listen 127.0.0.1:{port};\n    {locations}\n  }}"),
+        )
+    }
+
+    /// Starts nginx with `include` as the first `conf/upstreams.conf` and `site(port)` (server
+    /// blocks, e.g. a shipped site file listening on `port`) in the http context after it.
+    pub fn start_site(include: &str, site: &dyn Fn(u16) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for d in ["conf", "logs", "tmp"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
@@ -115,19 +124,16 @@ impl Nginx {
         } else {
             ""
         };
+        let site = site(port);
         let conf = format!(
             "{user}\nworker_processes 1;\npid logs/nginx.pid;\nerror_log logs/error.log notice;\n\
              events {{ worker_connections 512; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path tmp/client;\n  proxy_temp_path tmp/proxy;\n  \
              fastcgi_temp_path tmp/fastcgi;\n  uwsgi_temp_path tmp/uwsgi;\n  scgi_temp_path tmp/scgi;\n  \
-             include upstreams.conf;\n  server {{\n    listen 127.0.0.1:{port};\n    {locations}\n  }}\n}}\n"
+             include upstreams.conf;\n  {site}\n}}\n"
         );
         std::fs::write(dir.path().join("conf/nginx.conf"), conf).unwrap();
-        std::fs::write(
-            dir.path().join("conf/upstreams.conf"),
-            format!("upstream {upstream} {{ server 127.0.0.1:1 down; }}\n"),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("conf/upstreams.conf"), include).unwrap();
         let child = Command::new("nginx")
             .args([
                 "-p",

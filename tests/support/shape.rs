@@ -14,6 +14,8 @@ use regex::Regex;
 
 /// `[A-Za-z0-9_]+`: upstream names and cookie names.
 const WORD: &str = r"[A-Za-z0-9_]+";
+/// A replica's affinity id: 16 lower-case hex digits.
+const ID: &str = r"[0-9a-f]{16}";
 /// An address as `Address`'s `Display` prints it: IPv4, bracketed IPv6, lower-case RFC 1123
 /// hostname; then a port.
 const ADDRESS: &str = r"(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*):[0-9]{1,5}";
@@ -21,9 +23,9 @@ const ADDRESS: &str = r"(?:(?:[0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-f:.]+\]|[a-z0-9
 /// What a rendered file must hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expected {
-    /// `upstream NAME {` blocks.
+    /// `upstream NAME {` blocks, per-replica groups of sticky upstreams included.
     pub upstreams: usize,
-    /// `server` lines, placeholders included.
+    /// `server` lines, placeholders and per-replica groups included.
     pub servers: usize,
 }
 
@@ -50,11 +52,27 @@ fn grammar() -> &'static Grammar {
                 ),
                 line(
                     "comment",
-                    format!(r"# {w}: affinity on the {w} cookie, the client address until it is set\."),
+                    format!(r"# {w}: affinity that names the replica\. The {w} cookie holds the id of the replica"),
                 ),
                 line(
                     "comment",
-                    format!(r"# In the location: add_header Set-Cookie \${w}_affinity_cookie always;"),
+                    r"# that served the client; the id of a replica that is up routes to it, anything else to the".into(),
+                ),
+                line(
+                    "comment",
+                    r"# consistent hash on the cookie \(on the client address until there is one: a first response".into(),
+                ),
+                line(
+                    "comment",
+                    r"# sets a random value, so that browsers behind one address spread, then the replica's id\)\.".into(),
+                ),
+                line(
+                    "comment",
+                    format!(r"# In the location: proxy_pass http://\${w}_affinity_route;"),
+                ),
+                line(
+                    "comment",
+                    format!(r"# and: add_header Set-Cookie \${w}_affinity_cookie always;"),
                 ),
                 line(
                     "comment",
@@ -62,16 +80,38 @@ fn grammar() -> &'static Grammar {
                 ),
                 line(
                     "comment",
+                    r"# Many replica ids: the map hash sized for them \(nginx's default warns from about 200\)\.".into(),
+                ),
+                line("http", r"map_hash_bucket_size 128;".into()),
+                line("http", r"map_hash_max_size [0-9]{4,7};".into()),
+                line(
+                    "comment",
                     r"    # Every endpoint fails its health check: on_all_unhealthy = (?:fail_open|fail_closed)\.".into(),
                 ),
-                line("open", format!(r"map \$cookie_{w} \${w}_affinity_(?:key|cookie) \{{")),
+                line("open", format!(r"map \$cookie_{w} \${w}_affinity_(?:route|key) \{{")),
+                line("open", format!(r"map \$upstream_addr \${w}_affinity_last \{{")),
+                line("open", format!(r"map \${w}_affinity_last \${w}_affinity_served \{{")),
+                line(
+                    "open",
+                    format!(r#"map "\$cookie_{w}:\${w}_affinity_served" \${w}_affinity_cookie \{{"#),
+                ),
+                line("map", format!(r"    default {w};")),
+                line("map route", format!(r"    ({ID}) ({w}__({ID}));")),
                 line("map", r#"    ""      \$remote_addr;"#.into()),
                 line("map", format!(r"    default \$cookie_{w};")),
+                line("map", r#"    "~\(\[\^ \]\+\)\$" \$1;"#.into()),
+                line("map", r#"    default "";"#.into()),
+                line("map", format!(r#"    "{ADDRESS}" {ID};"#)),
+                line("map", r#"    "~:\$"   "";"#.into()),
                 line(
                     "map",
-                    format!(r#"    ""      "{w}=\$request_id; Path=/; HttpOnly; SameSite=Lax";"#),
+                    format!(r#"    "~\^:"   "{w}=\$request_id; Path=/; HttpOnly; SameSite=Lax";"#),
                 ),
-                line("map", r#"    default "";"#.into()),
+                line("map", r#"    "~\^\(\[0-9a-f\]\+\):\\1\$" "";"#.into()),
+                line(
+                    "map",
+                    format!(r#"    default "{w}=\${w}_affinity_served; Path=/; HttpOnly; SameSite=Lax";"#),
+                ),
                 line("open", format!(r"upstream {w} \{{")),
                 line("directive", format!(r"    zone {w} [0-9]+k;")),
                 line("directive", r"    least_conn;".into()),
@@ -90,6 +130,7 @@ fn grammar() -> &'static Grammar {
 pub fn check(text: &str, expected: Expected) -> Result<(), String> {
     let g = grammar();
     let (mut depth, mut upstreams, mut servers) = (0usize, 0usize, 0usize);
+    let (mut targets, mut defined) = (Vec::new(), std::collections::BTreeSet::new());
     if text.contains('\r') || text.contains('\0') {
         return Err("the file holds a carriage return or a NUL".into());
     }
@@ -103,7 +144,16 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
             "server"
         } else {
             match g.lines.iter().find(|(_, re)| re.is_match(l)) {
-                Some((kind, _)) => kind,
+                Some((kind, re)) => {
+                    if *kind == "map route" {
+                        let c = re.captures(l).expect("the line matched");
+                        if c[1] != c[3] {
+                            return Err(at("an affinity id routing to another id's group"));
+                        }
+                        targets.push(c[2].to_owned());
+                    }
+                    kind
+                }
                 None => return Err(at("a line the template cannot produce")),
             }
         };
@@ -116,7 +166,13 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
                     return Err(at("a block opened inside a block"));
                 }
                 depth = 1;
-                upstreams += usize::from(l.starts_with("upstream "));
+                if let Some(name) = l
+                    .strip_prefix("upstream ")
+                    .and_then(|r| r.strip_suffix(" {"))
+                {
+                    upstreams += 1;
+                    defined.insert(name.to_owned());
+                }
             }
             "close" => {
                 if depth != 1 {
@@ -125,6 +181,8 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
                 depth = 0;
             }
             "blank" | "comment" => {}
+            "http" if depth == 0 => {}
+            "http" => return Err(at("an http-level directive inside a block")),
             _ if depth != 1 => return Err(at("a directive outside a block")),
             _ => {}
         }
@@ -134,6 +192,11 @@ pub fn check(text: &str, expected: Expected) -> Result<(), String> {
     }
     if depth != 0 {
         return Err("a block is left open at the end".into());
+    }
+    if let Some(t) = targets.iter().find(|t| !defined.contains(*t)) {
+        return Err(format!(
+            "an affinity id routes to `{t}`, which no upstream block defines"
+        ));
     }
     let found = Expected { upstreams, servers };
     if found != expected {

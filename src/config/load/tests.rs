@@ -936,6 +936,42 @@ fn a_port_followed_by_a_word_is_an_address_error_not_a_port_error() {
 }
 
 #[test]
+fn the_affinity_secret_file_keys_the_replica_ids_and_must_be_long_enough() {
+    let id = |text: &str| {
+        let u = &parse(text, &no_env).expect("valid").upstreams[0];
+        u.affinity_key.id(&"10.0.0.1:80".parse().unwrap())
+    };
+    let long = secret_file("0123456789abcdef0123456789abcdef\n");
+    let other = secret_file("fedcba9876543210fedcba9876543210\n");
+    let with = |f: &tempfile::NamedTempFile| {
+        with_upstream(&format!(
+            "name = \"app\"\nbalance = \"sticky\"\naffinity_secret_file = \"{}\"\n{ONE_STATIC}",
+            f.path().display()
+        ))
+    };
+    let without = with_upstream(&format!(
+        "name = \"app\"\nbalance = \"sticky\"\n{ONE_STATIC}"
+    ));
+    assert_eq!(id(&with(&long)), id(&with(&long)));
+    assert_ne!(id(&with(&long)), id(&with(&other)));
+    assert_ne!(id(&with(&long)), id(&without));
+
+    let short = secret_file("too short\n");
+    let err = one_error(&with(&short));
+    assert!(
+        err.starts_with("upstream[0].affinity_secret_file: `")
+            && err.ends_with(
+                "holds fewer than 16 bytes; write a random secret such as `openssl rand -hex 32`"
+            ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("too short"),
+        "the secret is never quoted: {err}"
+    );
+}
+
+#[test]
 fn a_bad_fail_timeout_says_a_duration_is_accepted_and_quotes_once() {
     let text = with_upstream(&format!(
         "name = \"app\"\n{}",
@@ -949,4 +985,18 @@ fn a_bad_fail_timeout_says_a_duration_is_accepted_and_quotes_once() {
         e.ends_with("fail_timeout = \"10x\" must be whole seconds from 0 to 86400, or a duration in whole seconds such as \"10s\""),
         "{e}"
     );
+}
+
+#[test]
+fn an_upstream_named_like_a_sticky_replica_group_is_refused() {
+    let text = format!(
+        "[nginx]\noutput = \"/tmp/x.conf\"\n[[upstream]]\nname = \"app\"\nbalance = \"sticky\"\n{ONE_STATIC}\
+         [[upstream]]\nname = \"app__0123456789abcdef\"\n{ONE_STATIC}"
+    );
+    assert_eq!(
+        one_error(&text),
+        "upstream[1].name: upstream name \"app__0123456789abcdef\" is reserved for a replica group of the sticky upstream \"app\""
+    );
+    let fine = text.replace("balance = \"sticky\"\n", "");
+    assert!(parse(&fine, &no_env).is_ok());
 }
