@@ -138,12 +138,18 @@ fn spread() -> BTreeMap<String, usize> {
 /// with the previous membership for a moment after a reload); returns the last sample.
 fn wait_traffic(names: &[&str], what: &str) -> BTreeMap<String, usize> {
     let want: BTreeSet<&str> = names.iter().copied().collect();
-    let mut last = BTreeMap::new();
-    wait_for(what, Duration::from_secs(30), || {
-        last = spread();
-        last.keys().map(String::as_str).collect::<BTreeSet<_>>() == want
-    });
-    last
+    let start = Instant::now();
+    loop {
+        let seen = spread();
+        if seen.keys().map(String::as_str).collect::<BTreeSet<_>>() == want {
+            return seen;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out after 30s waiting for {what}; the last {SAMPLE} requests: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -260,7 +266,11 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
     );
     stack.expect_reloads(base + 2, "deregistering kotaemon-3");
     wait_traffic(&["kotaemon-1"], "traffic to reach kotaemon-1 alone");
-    assert_eq!(stack.reloads(), base + 2, "deregistering reloaded nginx once");
+    assert_eq!(
+        stack.reloads(),
+        base + 2,
+        "deregistering reloaded nginx once"
+    );
 
     // upstreamd's `nginx -t` checks the config nginx serves: the same include bytes, and the
     // same whole configuration as `nginx -T` prints it, in both containers.
