@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::docker::{compose_available, engine_available, image_from, repo, run, Compose};
+use common::docker::{compose_available, engine_available, image_from, repo, run, run_ok, Compose};
 use common::{http_get, http_request, wait_for};
 
 /// nginx's published port (docker-compose.yml: `8080:80`).
@@ -36,6 +36,8 @@ const SAMPLE: usize = 60;
 /// The stack, up, with the helpers the test reads it through.
 struct Stack {
     compose: Compose,
+    /// The nginx and upstreamd containers' ids, by service.
+    ids: BTreeMap<&'static str, String>,
 }
 
 impl Stack {
@@ -66,12 +68,27 @@ impl Stack {
             ],
         );
         compose.run_ok(&["up", "-d", "--no-build"]);
-        Stack { compose }
+        let ids = ["nginx", "upstreamd"]
+            .into_iter()
+            .map(|service| (service, compose.container(service)))
+            .collect();
+        Stack { compose, ids }
+    }
+
+    /// `docker exec` in `service`'s container (by id: the docker CLI answers in milliseconds,
+    /// docker-compose's in a second or more), panicking unless it exits 0; returns stdout.
+    fn exec_ok(&self, service: &str, cmd: &[&str]) -> String {
+        run_ok(
+            Command::new("docker")
+                .arg("exec")
+                .arg(&self.ids[service])
+                .args(cmd),
+        )
     }
 
     /// The include as the `service` container sees it.
     fn include(&self, service: &str) -> String {
-        self.compose.exec_ok(service, &["cat", INCLUDE])
+        self.exec_ok(service, &["cat", INCLUDE])
     }
 
     /// The `server` line of `addr` in nginx's include, if any.
@@ -85,8 +102,8 @@ impl Stack {
 
     /// SIGHUPs nginx's master logged (at `notice`, to the container's stderr).
     fn reloads(&self) -> usize {
-        self.compose
-            .logs(&["nginx"])
+        let out = run(Command::new("docker").args(["logs", &self.ids["nginx"]]));
+        String::from_utf8_lossy(&out.stderr)
             .matches("signal 1 (SIGHUP) received")
             .count()
     }
@@ -197,6 +214,7 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
     println!("compose: {base} reload(s) to bring all three in");
 
     // A stopped replica fails its probes and is marked down with one reload.
+    let stop = Instant::now();
     stack.compose.run_ok(&["stop", "kotaemon-2"]);
     wait_for("kotaemon-2 marked down", Duration::from_secs(60), || {
         stack
@@ -204,6 +222,10 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
             .is_some_and(|line| line.ends_with("down;"))
     });
     stack.expect_reloads(base + 1, "stopping kotaemon-2");
+    println!(
+        "compose: `stop kotaemon-2` → rendered down and reloaded: {:.1} s",
+        stop.elapsed().as_secs_f64()
+    );
     // Its probes keep failing; each is an event, and none may reload nginx again.
     let failed = failed_probes("kotaemon");
     wait_for(
@@ -221,7 +243,7 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
     // Restarting upstreamd over an unchanged world renders the same bytes and reloads nothing.
     let before = stack.include("nginx");
     stack.compose.run_ok(&["restart", "-t", "10", "upstreamd"]);
-    wait_for(
+    let ready = wait_for(
         "the restarted upstreamd to be ready",
         Duration::from_secs(60),
         || {
@@ -230,6 +252,10 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
                 Some((200, _))
             )
         },
+    );
+    println!(
+        "compose: `restart upstreamd` → ready again: {:.1} s",
+        ready.as_secs_f64()
     );
     assert_eq!(
         stack.reloads(),
@@ -248,6 +274,7 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
     );
 
     // Deregistered from Consul: dropped from the include, with one reload.
+    let deregister = Instant::now();
     let answer = http_request(
         CONSUL,
         "PUT",
@@ -265,6 +292,10 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
         || stack.server_line(REPLICAS[2].1).is_none(),
     );
     stack.expect_reloads(base + 2, "deregistering kotaemon-3");
+    println!(
+        "compose: deregistered in Consul → dropped and reloaded: {:.1} s",
+        deregister.elapsed().as_secs_f64()
+    );
     wait_traffic(&["kotaemon-1"], "traffic to reach kotaemon-1 alone");
     assert_eq!(
         stack.reloads(),
@@ -279,8 +310,8 @@ fn compose_stack_serves_fails_over_restarts_quietly_and_follows_consul() {
         stack.include("nginx"),
         "both containers see one include"
     );
-    let checked = stack.compose.exec_ok("upstreamd", &["nginx", "-T"]);
-    let served = stack.compose.exec_ok("nginx", &["nginx", "-T"]);
+    let checked = stack.exec_ok("upstreamd", &["nginx", "-T"]);
+    let served = stack.exec_ok("nginx", &["nginx", "-T"]);
     assert!(
         checked == served,
         "nginx -T differs between the containers: {}",

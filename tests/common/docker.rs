@@ -176,6 +176,18 @@ impl Compose {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The id of `service`'s container (`docker-compose ps -q`); it stays the same across
+    /// `stop`, `start` and `restart`.
+    pub fn container(&self, service: &str) -> String {
+        let id = self.run_ok(&["ps", "-q", service]).trim().to_owned();
+        assert!(
+            !id.is_empty(),
+            "{}: no container for {service}",
+            self.project
+        );
+        id
+    }
+
     /// What `docker-compose logs SERVICE…` prints (every service's when `services` is empty).
     pub fn logs(&self, services: &[&str]) -> String {
         let mut args = vec!["logs", "--no-color"];
