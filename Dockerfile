@@ -9,11 +9,11 @@
 ARG NGINX_IMAGE=nginx:1.27
 
 FROM rust:1-bookworm AS build
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        protobuf-compiler libssl-dev pkg-config \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The build list install-deps.sh reads too (scripts/deps/build.txt), so the two cannot drift.
+COPY scripts/install-deps.sh scripts/
+COPY scripts/deps/build.txt scripts/deps/
+RUN bash scripts/install-deps.sh build && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY templates templates

@@ -1,9 +1,11 @@
-//! Containers for the deployment tests: the Debian 12 base image (scripts/docker-base.sh)
-//! and containers removed in `Drop`.
+//! Containers for the deployment tests: the Debian 12 base image (scripts/docker-base.sh),
+//! images built from it and cached by tag, containers removed in `Drop`, and docker-compose
+//! projects taken down in `Drop`.
 //!
 //! Without a Docker engine a test prints `skipped: …` and returns, unless
 //! `UPSTREAMD_REQUIRE_DOCKER=1` is set (CI's host stage sets it): then a missing engine fails.
 
+use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -69,6 +71,155 @@ pub fn base_image() -> String {
 pub fn systemd_image() -> String {
     let script = repo().join("scripts/docker-systemd.sh");
     run_ok(Command::new("bash").arg(script)).trim().to_owned()
+}
+
+/// An image built from `dockerfile` (its directory is the context) `FROM` the base image,
+/// passed as the build argument `BASE`. Tagged `NAME:HASH`, a hash of the Dockerfile and the
+/// base image's id, so a rerun with neither changed reuses it without building.
+pub fn image_from(name: &str, dockerfile: &Path) -> String {
+    let base = base_image();
+    let base_id =
+        run_ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &base]));
+    let text = std::fs::read(dockerfile)
+        .unwrap_or_else(|e| panic!("failed to read {}: {e}", dockerfile.display()));
+    // SipHash with fixed keys: stable from run to run (a cache key, not a checksum).
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (base_id.trim(), text).hash(&mut hasher);
+    let tag = format!("{name}:{:016x}", hasher.finish());
+    let present = run(Command::new("docker").args(["image", "inspect", &tag]))
+        .status
+        .success();
+    if !present {
+        let context = dockerfile.parent().expect("a Dockerfile in a directory");
+        run_ok(
+            Command::new("docker")
+                .args(["build", "-q", "--build-arg"])
+                .arg(format!("BASE={base}"))
+                .arg("-t")
+                .arg(&tag)
+                .arg("-f")
+                .arg(dockerfile)
+                .arg(context),
+        );
+    }
+    tag
+}
+
+/// Whether `docker-compose` (v1) runs; like [`engine_available`], prints why the test is
+/// skipped, or panics when `UPSTREAMD_REQUIRE_DOCKER=1`.
+pub fn compose_available(test: &str) -> bool {
+    let ok = Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("UPSTREAMD_REQUIRE_DOCKER").as_deref() == Ok("1") {
+            panic!("{test}: docker-compose does not run, and UPSTREAMD_REQUIRE_DOCKER=1");
+        }
+        println!(
+            "skipped: {test}: docker-compose does not run (scripts/install-deps.sh installs it)"
+        );
+    }
+    ok
+}
+
+/// A docker-compose project under a unique name, run from the repository root with the given
+/// files and environment. `Drop` prints every service's log if the test is failing, then runs
+/// `down -v` (containers, network and volumes).
+pub struct Compose {
+    /// The project name (`-p`).
+    pub project: String,
+    files: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    /// A project named `PREFIX-PID-NANOS`; nothing runs until [`Compose::run_ok`] says `up`.
+    pub fn new(prefix: &str, files: &[&str], env: &[(&str, &str)]) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Compose {
+            project: format!("{prefix}-{}-{nanos}", std::process::id()),
+            files: files.iter().map(|f| (*f).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// `docker-compose -p PROJECT -f FILE… ARGS…`, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker-compose");
+        cmd.current_dir(repo()).arg("-p").arg(&self.project);
+        for file in &self.files {
+            cmd.arg("-f").arg(file);
+        }
+        cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Runs `docker-compose … ARGS…`, panicking unless it exits 0; returns stdout.
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.command(args))
+    }
+
+    /// `docker-compose exec -T SERVICE CMD…`, whatever its exit code.
+    pub fn exec(&self, service: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["exec", "-T", service];
+        args.extend_from_slice(cmd);
+        run(&mut self.command(&args))
+    }
+
+    /// `docker-compose exec -T SERVICE CMD…`, panicking unless it exits 0; returns stdout.
+    pub fn exec_ok(&self, service: &str, cmd: &[&str]) -> String {
+        let out = self.exec(service, cmd);
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("docker-compose exec {service} {cmd:?}"), &out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The id of `service`'s container (`docker-compose ps -q`); it stays the same across
+    /// `stop`, `start` and `restart`.
+    pub fn container(&self, service: &str) -> String {
+        let id = self.run_ok(&["ps", "-q", service]).trim().to_owned();
+        assert!(
+            !id.is_empty(),
+            "{}: no container for {service}",
+            self.project
+        );
+        id
+    }
+
+    /// What `docker-compose logs SERVICE…` prints (every service's when `services` is empty).
+    pub fn logs(&self, services: &[&str]) -> String {
+        let mut args = vec!["logs", "--no-color"];
+        args.extend_from_slice(services);
+        let out = run(&mut self.command(&args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- docker-compose logs of {}\n{}",
+                self.project,
+                self.logs(&[])
+            );
+        }
+        // Best effort, like Container's: a failure here must not hide the test's own panic.
+        let _ = self
+            .command(&["down", "-v", "--remove-orphans", "-t", "5"])
+            .output();
+    }
 }
 
 /// A running container, removed (with its anonymous volumes) in `Drop`.
