@@ -320,7 +320,7 @@ async fn a_render_error_keeps_the_daemon_running_and_the_last_good_file() {
     let builtin = include_str!("../../templates/upstream.conf.j2");
     std::fs::write(
         &template,
-        format!("{{% for u in upstreams %}}{{% if u.servers|length > 4 %}}{{{{ u.nmae }}}}{{% endif %}}{{% endfor %}}\n{builtin}"),
+        format!("{{% for u in upstreams %}}{{% if u.servers|length == 5 %}}{{{{ u.nmae }}}}{{% endif %}}{{% endfor %}}\n{builtin}"),
     )
     .unwrap();
     let extra = format!("settle = \"10ms\"\ntemplate = \"{}\"", template.display());
@@ -328,8 +328,8 @@ async fn a_render_error_keeps_the_daemon_running_and_the_last_good_file() {
     l.wait_calls("reload", 1).await;
     let good = l.file();
 
-    // Five servers: more than the trial render's largest upstream (four), so the template
-    // passes `check` and fails only at run time.
+    // Five servers: a count the trial render never uses (0, 1, 4 and over 100), so the
+    // template passes `check` and fails only at run time.
     l.set_servers(&[
         "127.0.0.2:80",
         "127.0.0.3:80",

@@ -94,7 +94,42 @@ pub(super) fn cases() -> Vec<(String, Vec<(Desired, AllUnhealthy)>)> {
         }
     }
     out.push(("no upstreams".into(), Vec::new()));
+    out.push(many_sticky_routes());
     out
+}
+
+/// A sticky upstream with more routes than nginx's default map hash holds, so the template's
+/// branch for them is rendered too.
+fn many_sticky_routes() -> (String, Vec<(Desired, AllUnhealthy)>) {
+    let count = super::MAP_HASH_ROUTES + 1;
+    let name = UpstreamName::new("trial").expect("a literal name is valid");
+    let key = crate::affinity::AffinityKey::new(&name, None);
+    let servers = (0..count)
+        .map(|i| Server {
+            address: Address::from_parts(&format!("10.1.{}.{}", i / 250, i % 250 + 1), 7860)
+                .expect("a generated IPv4 address is valid"),
+            attrs: ServerAttrs::default(),
+            down: false,
+            verdict: Verdict::Up,
+        })
+        .collect();
+    let mut desired = Desired {
+        name,
+        balance: Balance::Sticky,
+        hash_key: None,
+        affinity_cookie: "upstreamd_affinity".into(),
+        keepalive: 32,
+        placeholder: false,
+        all_unhealthy: false,
+        servers,
+        dropped_backup: Vec::new(),
+        routes: Vec::new(),
+    };
+    desired.routes = crate::affinity::routes(&desired, &key);
+    (
+        format!("{count} servers, balance \"sticky\""),
+        vec![(desired, AllUnhealthy::FailOpen)],
+    )
 }
 
 /// Renders every case; the first failure names its case.
