@@ -372,9 +372,9 @@ impl EtcdWatch {
             }
         }
         if let Some(snapshot) = step.send {
-            tracing::debug!(%upstream, %source, endpoints = snapshot.endpoints.len(), skipped = snapshot.skipped, revision, "etcd membership changed.");
+            tracing::debug!(%upstream, %source, endpoints = snapshot.endpoints.len(), skipped = snapshot.skipped.total, revision, "etcd membership changed.");
             if !until_shutdown(
-                sink.snapshot(snapshot.endpoints, snapshot.skipped),
+                sink.snapshot(snapshot.endpoints, snapshot.skipped, step.newly_skipped),
                 shutdown,
             )
             .await
