@@ -67,7 +67,7 @@ pub enum ConsulError {
     #[error("consul request failed: {0}")]
     Request(String),
     /// A request got no answer within its timeout.
-    #[error("consul did not answer within {}", humantime::format_duration(*.0))]
+    #[error("consul did not answer within {:.1} s", .0.as_secs_f64())]
     Timeout(Duration),
     /// The answer had no usable `X-Consul-Index` header.
     #[error("consul's answer carried no usable X-Consul-Index header ({0:?})")]
