@@ -646,10 +646,10 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let mut status = tonic::Status::unavailable("tcp connect error");
         status.set_source(std::sync::Arc::new(refused));
-        let line = describe(&etcd_client::Error::GRpcStatus(status));
+        let line = EtcdError::request("list", &etcd_client::Error::GRpcStatus(status)).to_string();
         assert_eq!(
             line,
-            "the service is currently unavailable: tcp connect error: connection refused"
+            "etcd list failed: the service is currently unavailable: tcp connect error: connection refused"
         );
         let denied = tonic::Status::permission_denied("etcdserver: permission denied");
         let line = describe(&etcd_client::Error::GRpcStatus(denied));
