@@ -201,19 +201,17 @@ impl Metrics {
         }
     }
 
-    /// Records how many entries a source's latest snapshot skipped: the gauge says how many
-    /// now, and the counter grows by how many more than in the previous snapshot, so an entry
-    /// that stays invalid across snapshots is counted once.
-    pub fn skipped_now(&self, pairs: &[(&'static str, &str)], skipped: usize) {
-        let key = labels(pairs);
-        self.with(|i| {
-            let gauge = ("upstreamd_registry_entries_skipped", key.clone());
-            let before = i.values.insert(gauge, skipped as f64).unwrap_or(0.0);
-            let new = (skipped as f64 - before).max(0.0);
-            *i.values
-                .entry(("upstreamd_registry_entries_skipped_total", key))
-                .or_insert(0.0) += new;
-        });
+    /// Records a source's latest snapshot: the gauge says how many entries it skipped, and
+    /// the counter grows by `newly`, the skipped entries its previous answer did not skip (the
+    /// source tracks them by name), so an entry that stays invalid is counted once and one
+    /// replaced by another invalid entry is counted too.
+    pub fn skipped_now(&self, pairs: &[(&'static str, &str)], skipped: usize, newly: usize) {
+        self.set("upstreamd_registry_entries_skipped", pairs, skipped as f64);
+        self.add(
+            "upstreamd_registry_entries_skipped_total",
+            pairs,
+            newly as f64,
+        );
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
@@ -426,22 +424,22 @@ mod tests {
     }
 
     #[test]
-    fn entries_skipped_in_every_snapshot_are_counted_once() {
+    fn the_skipped_counter_grows_by_the_new_entries_and_the_gauge_is_the_count() {
         let m = Metrics::new();
         let l = [("upstream", "k"), ("source", "consul")];
-        for _ in 0..3 {
-            m.skipped_now(&l, 15);
-        }
+        m.skipped_now(&l, 15, 15);
+        m.skipped_now(&l, 15, 0);
+        m.skipped_now(&l, 15, 1);
         assert_eq!(
             m.value("upstreamd_registry_entries_skipped_total", &l),
-            15.0
+            16.0
         );
         assert_eq!(m.value("upstreamd_registry_entries_skipped", &l), 15.0);
-        m.skipped_now(&l, 2);
-        m.skipped_now(&l, 4);
+        m.skipped_now(&l, 2, 0);
+        m.skipped_now(&l, 4, 2);
         assert_eq!(
             m.value("upstreamd_registry_entries_skipped_total", &l),
-            17.0
+            18.0
         );
         assert_eq!(m.value("upstreamd_registry_entries_skipped", &l), 4.0);
     }

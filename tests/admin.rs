@@ -334,3 +334,135 @@ fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
     listen(&mut heard);
     assert!(heard.iter().any(|m| m == "STOPPING=1"), "{heard:?}");
 }
+
+/// A Consul instance with a bad weight and a hostile service ID: `/status` and the page name
+/// it with why (escaped on the page), the counter counts it once, and a registry that went
+/// away reads as a sentence, not hyper's debug text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
+    use common::consul::{instance, Lane, Registry};
+    let Some(mut reg) = Registry::start(Lane::Standin, None).await else {
+        return;
+    };
+    let alpha = Replica::start("alpha");
+    let (host, _) = alpha.addr.rsplit_once(':').unwrap();
+    reg.register(instance(
+        "alpha",
+        host,
+        alpha.port(),
+        &[],
+        serde_json::json!({}),
+    ))
+    .await;
+    let hostile = "bad<b>one";
+    let meta = serde_json::json!({"weight": "3; down"});
+    reg.register(instance(hostile, "127.0.0.9", 80, &[], meta))
+        .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n{}\n[[upstream]]\nname = \"kotaemon\"\n\n\
+         [upstream.health]\nenabled = false\n\n[[upstream.source]]\nkind = \"consul\"\n\
+         url = \"{}\"\nservice = \"kotaemon\"\nwait = \"2s\"\n",
+        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
+        reg.url
+    );
+    let _daemon = Daemon::start(&cfg);
+    wait_for("readyz", SHORT, || {
+        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
+    });
+
+    let source = status(&admin)["upstreams"][0]["sources"][0].clone();
+    assert_eq!(source["skipped"], 1, "{source}");
+    let entry = &source["skipped_entries"][0];
+    assert_eq!(entry["name"], "service ID bad<b>one on node standin");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(reason.contains("weight"), "{reason}");
+    let page = get(&admin, "/").1;
+    assert!(
+        page.contains("<code>service ID bad&lt;b&gt;one on node standin</code>"),
+        "the page names the entry, escaped:\n{page}"
+    );
+    assert!(
+        !page.contains(hostile),
+        "registry data reached the page raw"
+    );
+    assert!(!nginx.rendered().contains("127.0.0.9"));
+    let skipped_total =
+        "upstreamd_registry_entries_skipped_total{upstream=\"kotaemon\",source=\"consul\"}";
+    assert_eq!(metric(&admin_metrics(&admin), skipped_total), 1.0);
+
+    reg.kill();
+    wait_for("the consul source to go stale", SHORT, || {
+        status(&admin)["upstreams"][0]["sources"][0]["error"].is_string()
+    });
+    let error = status(&admin)["upstreams"][0]["sources"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.starts_with("consul request failed: could not connect: ")
+            && error.contains("refused"),
+        "{error}"
+    );
+    for debug in ["(Connect)", "Error(", "{", "Os ", "kind:"] {
+        assert!(!error.contains(debug), "debug text {debug:?} in {error:?}");
+    }
+    let page = get(&admin, "/").1;
+    assert!(page.contains(&error), "the page shows the same sentence");
+}
+
+/// The same through etcd, whose gRPC errors used to show tonic's debug text
+/// (`source: tonic::transport::Error(Transport, …)`) on `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
+    let mut etcd = common::etcd::Etcd::start().await;
+    let mut c = etcd.client().await;
+    let alpha = Replica::start("alpha");
+    let prefix = "/services/kotaemon/";
+    c.put(format!("{prefix}alpha"), alpha.addr.as_str(), None)
+        .await
+        .unwrap();
+    c.put(format!("{prefix}<i>x"), "127.0.0.1:80 down", None)
+        .await
+        .unwrap();
+    drop(c);
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n\n{}\n[[upstream]]\nname = \"kotaemon\"\n\n\
+         [upstream.health]\nenabled = false\n\n[[upstream.source]]\nkind = \"etcd\"\n\
+         endpoints = [\"{}\"]\nprefix = \"{prefix}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"1s\"\n",
+        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
+        etcd.url()
+    );
+    let _daemon = Daemon::start(&cfg);
+    wait_for("readyz", SHORT, || {
+        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
+    });
+    let source = status(&admin)["upstreams"][0]["sources"][0].clone();
+    let entry = &source["skipped_entries"][0];
+    assert_eq!(entry["name"], "/services/kotaemon/<i>x", "{source}");
+    assert!(entry["reason"].as_str().unwrap().contains("host:port"));
+    let page = get(&admin, "/").1;
+    assert!(
+        page.contains("<code>/services/kotaemon/&lt;i&gt;x</code>"),
+        "{page}"
+    );
+
+    etcd.kill();
+    wait_for("the etcd source to go stale", SHORT, || {
+        status(&admin)["upstreams"][0]["sources"][0]["error"].is_string()
+    });
+    let error = status(&admin)["upstreams"][0]["sources"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.starts_with("etcd "), "{error}");
+    for debug in ["code:", "source:", "Error(", "{", "Kind(", "Os "] {
+        assert!(!error.contains(debug), "debug text {debug:?} in {error:?}");
+    }
+    println!("figure: the etcd outage reads {error:?}");
+}

@@ -123,9 +123,9 @@ impl Watcher {
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(u)) => match u.event {
-                    SourceEvent::Snapshot { endpoints, skipped } if pred(&endpoints) => {
-                        return (endpoints, skipped)
-                    }
+                    SourceEvent::Snapshot {
+                        endpoints, skipped, ..
+                    } if pred(&endpoints) => return (endpoints, skipped.total),
                     _ => continue,
                 },
                 _ => self.fail(&format!("no snapshot with {what} within {within:?}")),

@@ -83,8 +83,10 @@ impl Run {
         loop {
             let left = within.saturating_sub(started.elapsed());
             match self.next(left).await {
-                Some(SourceEvent::Snapshot { endpoints, skipped }) if addrs(&endpoints) == want => {
-                    return (endpoints, skipped, started.elapsed())
+                Some(SourceEvent::Snapshot {
+                    endpoints, skipped, ..
+                }) if addrs(&endpoints) == want => {
+                    return (endpoints, skipped.total, started.elapsed())
                 }
                 Some(_) => {}
                 None => panic!(

@@ -87,6 +87,35 @@ fn source_row(s: &SourceStatus) -> String {
     )
 }
 
+/// The entries a source refused, each with why; `None` when it refused none.
+fn skipped_list(s: &SourceStatus) -> Option<String> {
+    if s.skipped == 0 {
+        return None;
+    }
+    let mut out = format!(
+        "<div class=\"skipped\" data-source=\"{label}\">Source {label} skipped {n} registry {entries}",
+        label = esc(&s.label),
+        n = s.skipped,
+        entries = if s.skipped == 1 { "entry" } else { "entries" },
+    );
+    if s.skipped > s.skipped_entries.len() {
+        out.push_str(&format!(
+            " (the first {} are listed)",
+            s.skipped_entries.len()
+        ));
+    }
+    out.push_str(":<ul>");
+    for e in &s.skipped_entries {
+        out.push_str(&format!(
+            "<li><code>{}</code>: {}</li>",
+            esc(&e.name),
+            esc(&e.reason)
+        ));
+    }
+    out.push_str("</ul></div>");
+    Some(out)
+}
+
 fn upstream_section(u: &UpstreamStatus) -> String {
     let up = u.endpoints.iter().filter(|e| e.rendered == "up").count();
     let balance = serde_json::to_value(u.balance)
@@ -111,7 +140,11 @@ fn upstream_section(u: &UpstreamStatus) -> String {
     for s in &u.sources {
         out.push_str(&source_row(s));
     }
-    out.push_str("</table><table><tr><th>endpoint</th><th>rendered</th><th>why</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
+    out.push_str("</table>");
+    for list in u.sources.iter().filter_map(skipped_list) {
+        out.push_str(&list);
+    }
+    out.push_str("<table><tr><th>endpoint</th><th>rendered</th><th>why</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
     for e in &u.endpoints {
         out.push_str(&endpoint_row(e));
     }
@@ -198,6 +231,40 @@ mod tests {
     #[test]
     fn escapes_everything_a_registry_could_put_in_an_origin() {
         assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+    }
+
+    #[test]
+    fn skipped_entries_are_listed_by_name_and_escaped() {
+        let mut s = SourceStatus {
+            label: "etcd".into(),
+            kind: "etcd",
+            up: true,
+            delivered: true,
+            error: None,
+            last_update_secs_ago: None,
+            stale_secs: None,
+            updates: 1,
+            skipped: 0,
+            skipped_entries: vec![],
+            from_saved: false,
+            saved_secs_ago: None,
+        };
+        assert_eq!(skipped_list(&s), None);
+        s.skipped = 21;
+        s.skipped_entries = vec![crate::sources::SkippedEntry::new(
+            "/svc/<script>",
+            "weight = \"x\" must be a number",
+        )];
+        let html = skipped_list(&s).unwrap();
+        assert!(
+            html.contains("skipped 21 registry entries (the first 1 are listed)"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<code>/svc/&lt;script&gt;</code>: weight = &quot;x&quot;"),
+            "{html}"
+        );
+        assert!(!html.contains("<script>"), "{html}");
     }
 
     #[test]

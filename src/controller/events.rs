@@ -32,10 +32,14 @@ impl<N: Nginx> Controller<N> {
             return;
         };
         match &event {
-            SourceEvent::Snapshot { skipped, .. } => {
+            SourceEvent::Snapshot {
+                skipped,
+                newly_skipped,
+                ..
+            } => {
                 metrics.inc("upstreamd_source_updates_total", &labels);
                 metrics.set("upstreamd_source_up", &labels, 1.0);
-                metrics.skipped_now(&labels, *skipped);
+                metrics.skipped_now(&labels, skipped.total, *newly_skipped);
                 if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
                     tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
                 }

@@ -14,7 +14,7 @@ use crate::config::UpstreamConfig;
 use crate::decide::{decide, merge, Desired};
 use crate::health::{Health, HealthState, ProbeOutcome, Transition};
 use crate::model::{Address, Endpoint, RegistryState};
-use crate::sources::SourceEvent;
+use crate::sources::{Skipped, SourceEvent};
 
 /// What is known of one source.
 #[derive(Debug, Clone, Serialize)]
@@ -36,8 +36,8 @@ pub struct SourceState {
     pub failing_since: Option<Instant>,
     /// Snapshots received.
     pub updates: u64,
-    /// Entries skipped as invalid in the last snapshot.
-    pub skipped: usize,
+    /// Entries skipped as invalid in the last snapshot: how many, and the first few by name.
+    pub skipped: Skipped,
     /// A snapshot kept from before this state existed: saved on disk by an earlier run
     /// (`state_dir`), or the source's snapshot before a config reload. Used when the source
     /// fails before its first answer, and as the baseline the shrink guard compares against
@@ -66,7 +66,7 @@ pub struct HeldShrink {
     /// The latest answer, applied when the hold ends.
     pub endpoints: Vec<Endpoint>,
     /// Entries it skipped as invalid.
-    pub skipped: usize,
+    pub skipped: Skipped,
     /// When the first answer of this hold arrived (later answers that still shrink too much
     /// replace `endpoints` but keep the clock running).
     pub since: Instant,
@@ -185,7 +185,7 @@ impl UpstreamState {
                 updated: None,
                 failing_since: None,
                 updates: 0,
-                skipped: 0,
+                skipped: Skipped::none(),
                 saved: None,
                 from_saved: false,
                 held: None,
@@ -242,6 +242,7 @@ impl UpstreamState {
             SourceEvent::Snapshot {
                 mut endpoints,
                 skipped,
+                ..
             } => {
                 endpoints.sort_by(|a, b| a.address.cmp(&b.address));
                 let (before, after, removed) = self.shrink_of(index, &endpoints);
@@ -289,7 +290,7 @@ impl UpstreamState {
         &mut self,
         index: usize,
         endpoints: Vec<Endpoint>,
-        skipped: usize,
+        skipped: Skipped,
         now: Instant,
     ) -> Delta {
         let src = &mut self.sources[index];
@@ -559,7 +560,8 @@ mod tests {
     fn snap(list: &[&str]) -> SourceEvent {
         SourceEvent::Snapshot {
             endpoints: list.iter().map(|a| ep(a)).collect(),
-            skipped: 0,
+            skipped: Skipped::none(),
+            newly_skipped: 0,
         }
     }
 

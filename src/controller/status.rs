@@ -12,6 +12,7 @@ use crate::config::Balance;
 use crate::decide::Verdict;
 use crate::health::Health;
 use crate::model::{Address, RegistryState};
+use crate::sources::SkippedEntry;
 
 /// The whole status report.
 #[derive(Debug, Clone, Serialize)]
@@ -94,8 +95,11 @@ pub struct SourceStatus {
     pub stale_secs: Option<f64>,
     /// Snapshots received.
     pub updates: u64,
-    /// Entries skipped as invalid in the last snapshot.
+    /// Entries skipped as invalid in the last snapshot (a second entry for an address
+    /// counts too).
     pub skipped: usize,
+    /// The first 20 of them by name, each with why it was refused. Names are registry data.
+    pub skipped_entries: Vec<SkippedEntry>,
     /// The snapshot in use was saved by an earlier run (or before a config reload), because
     /// the source failed before its first answer: stale until it answers.
     pub from_saved: bool,
@@ -254,7 +258,8 @@ pub(crate) fn upstream_status(
                 last_update_secs_ago: s.updated.map(|t| ago(now, t)),
                 stale_secs: s.failing_since.map(|t| ago(now, t)),
                 updates: s.updates,
-                skipped: s.skipped,
+                skipped: s.skipped.total,
+                skipped_entries: s.skipped.listed.clone(),
                 from_saved: s.from_saved,
                 saved_secs_ago: s
                     .saved

@@ -6,6 +6,7 @@
 pub mod consul;
 pub mod etcd;
 pub mod retry;
+pub mod skipped;
 pub mod static_list;
 
 use std::future::Future;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SourceConfig;
 use crate::model::{Endpoint, UpstreamName};
+pub use skipped::{Skipped, SkippedEntry};
 
 /// Which source of which upstream an update comes from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,12 +38,15 @@ pub struct SourceKey {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
     /// The full, validated list of endpoints. Invalid entries are already left out (and
-    /// logged by the source with their key); `skipped` says how many.
+    /// logged by the source with their key); `skipped` says how many and which.
     Snapshot {
         /// Every valid endpoint, in any order.
         endpoints: Vec<Endpoint>,
-        /// How many entries were skipped as invalid.
-        skipped: usize,
+        /// The entries left out: the total and the first few by name, with why.
+        skipped: Skipped,
+        /// How many of the left-out entries the source's previous answer did not leave out:
+        /// what `upstreamd_registry_entries_skipped_total` grows by.
+        newly_skipped: usize,
     },
     /// The source could not get an answer; its last snapshot stands, marked stale.
     Failed {
@@ -78,9 +83,18 @@ impl Sink {
     }
 
     /// Reports a full snapshot. Returns false when the controller is gone.
-    pub async fn snapshot(&self, endpoints: Vec<Endpoint>, skipped: usize) -> bool {
-        self.send(SourceEvent::Snapshot { endpoints, skipped })
-            .await
+    pub async fn snapshot(
+        &self,
+        endpoints: Vec<Endpoint>,
+        skipped: Skipped,
+        newly_skipped: usize,
+    ) -> bool {
+        self.send(SourceEvent::Snapshot {
+            endpoints,
+            skipped,
+            newly_skipped,
+        })
+        .await
     }
 
     /// Reports a failure. Returns false when the controller is gone.

@@ -51,6 +51,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     line
 }
 
+/// The innermost cause of `e` (`e` itself when it has none): for a connection that failed,
+/// the operating system's reason ("Connection refused (os error 111)").
+pub fn root_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut root = e;
+    while let Some(s) = root.source() {
+        root = s;
+    }
+    root
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

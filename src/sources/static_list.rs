@@ -23,7 +23,7 @@ impl StaticList {
 
 impl Source for StaticList {
     async fn run(self, sink: Sink, shutdown: CancellationToken) {
-        if sink.snapshot(self.servers, 0).await {
+        if sink.snapshot(self.servers, super::Skipped::none(), 0).await {
             shutdown.cancelled().await;
         }
     }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::model::Endpoint;
 use crate::sources::retry::backoff;
+use crate::sources::Skipped;
 
 /// Consul caps `wait` at 10 minutes.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -104,14 +105,15 @@ pub struct Progress {
     index: u64,
     failures: u32,
     in_outage: bool,
-    last_sent: Option<(Vec<Endpoint>, usize)>,
+    last_sent: Option<(Vec<Endpoint>, Skipped)>,
 }
 
 /// What to do with an answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnswerOutcome {
-    /// The snapshot to send, when it differs from the last one sent or an outage just ended.
-    pub send: Option<(Vec<Endpoint>, usize)>,
+    /// The snapshot to send (endpoints, skipped, newly skipped), when it differs from the
+    /// last one sent, left out an entry the previous answer did not, or an outage just ended.
+    pub send: Option<(Vec<Endpoint>, Skipped, usize)>,
     /// The answer's index was lower than the last one: the loop restarted from 0.
     pub index_went_back: Option<(u64, u64)>,
     /// The number of failed requests that preceded this answer (0 when there was no outage).
@@ -129,12 +131,14 @@ impl Progress {
         }
     }
 
-    /// Records a good answer with index `returned` and its parsed endpoints.
+    /// Records a good answer with index `returned`, its parsed endpoints, the entries it left
+    /// out and how many of those the previous answer did not leave out.
     pub fn on_answer(
         &mut self,
         returned: u64,
         endpoints: Vec<Endpoint>,
-        skipped: usize,
+        skipped: Skipped,
+        newly_skipped: usize,
     ) -> AnswerOutcome {
         let next = next_index(self.index, returned);
         let index_went_back = (returned < self.index).then_some((self.index, returned));
@@ -142,9 +146,11 @@ impl Progress {
         let recovered_after = std::mem::take(&mut self.failures);
         let was_out = std::mem::take(&mut self.in_outage);
         let snapshot = (endpoints, skipped);
-        let send = if was_out || self.last_sent.as_ref() != Some(&snapshot) {
+        // A new invalid entry is always sent, even in place of another one beyond the listed
+        // few: the counter must see it.
+        let send = if was_out || newly_skipped > 0 || self.last_sent.as_ref() != Some(&snapshot) {
             self.last_sent = Some(snapshot.clone());
-            Some(snapshot)
+            Some((snapshot.0, snapshot.1, newly_skipped))
         } else {
             None
         };
@@ -172,6 +178,13 @@ mod tests {
 
     fn ep(addr: &str) -> Endpoint {
         Endpoint::plain(addr.parse().unwrap(), "test")
+    }
+
+    fn skipped(total: usize) -> Skipped {
+        Skipped {
+            total,
+            listed: vec![],
+        }
     }
 
     #[test]
@@ -241,16 +254,18 @@ mod tests {
     fn sends_only_changes_and_always_after_an_outage() {
         let mut p = Progress::default();
         assert_eq!(p.index(), 0);
-        let first = p.on_answer(5, vec![ep("10.0.0.1:80")], 0);
+        let first = p.on_answer(5, vec![ep("10.0.0.1:80")], skipped(0), 0);
         assert!(first.send.is_some());
         assert_eq!(p.index(), 5);
         assert_eq!(
-            p.on_answer(6, vec![ep("10.0.0.1:80")], 0).send,
+            p.on_answer(6, vec![ep("10.0.0.1:80")], skipped(0), 0).send,
             None,
             "same list, no send"
         );
         assert!(
-            p.on_answer(7, vec![ep("10.0.0.1:80")], 1).send.is_some(),
+            p.on_answer(7, vec![ep("10.0.0.1:80")], skipped(1), 0)
+                .send
+                .is_some(),
             "skipped count changed"
         );
 
@@ -263,7 +278,7 @@ mod tests {
             0,
             "the first request after a failure does not block"
         );
-        let back = p.on_answer(7, vec![ep("10.0.0.1:80")], 1);
+        let back = p.on_answer(7, vec![ep("10.0.0.1:80")], skipped(1), 0);
         assert_eq!(back.recovered_after, 2);
         assert!(
             back.send.is_some(),
@@ -274,13 +289,22 @@ mod tests {
     }
 
     #[test]
+    fn a_newly_skipped_entry_is_sent_even_when_the_list_looks_the_same() {
+        let mut p = Progress::default();
+        p.on_answer(5, vec![], skipped(30), 30);
+        assert_eq!(p.on_answer(6, vec![], skipped(30), 0).send, None);
+        let out = p.on_answer(7, vec![], skipped(30), 1);
+        assert_eq!(out.send, Some((vec![], skipped(30), 1)));
+    }
+
+    #[test]
     fn an_index_reset_is_reported_and_restarts_the_loop() {
         let mut p = Progress::default();
-        p.on_answer(100, vec![], 0);
-        let out = p.on_answer(3, vec![], 0);
+        p.on_answer(100, vec![], skipped(0), 0);
+        let out = p.on_answer(3, vec![], skipped(0), 0);
         assert_eq!(out.index_went_back, Some((100, 3)));
         assert_eq!(p.index(), 0);
-        p.on_answer(3, vec![], 0);
+        p.on_answer(3, vec![], skipped(0), 0);
         assert_eq!(p.index(), 3);
     }
 }

@@ -19,7 +19,7 @@ use super::api::ServiceEntry;
 use super::blocking::wait_param;
 use super::ConsulError;
 use crate::config::Secret;
-use crate::sources::retry::error_chain;
+use crate::sources::retry::{error_chain, root_cause};
 
 /// The largest answer read: a few thousand instances with checks are far below this, so
 /// anything larger is not a Consul answer we can use.
@@ -114,7 +114,7 @@ impl Client {
         let mut response = request
             .send()
             .await
-            .map_err(|e| ConsulError::Request(error_chain(&e.without_url())))?;
+            .map_err(|e| ConsulError::Request(describe_send_error(e)))?;
         let status = response.status();
         let index = response.headers().get("X-Consul-Index").cloned();
         let body = read_body(&mut response).await?;
@@ -169,7 +169,24 @@ fn describe_status(status: StatusCode, body: &[u8]) -> String {
     let text = text.trim();
     let text = if text.is_empty() { "no body" } else { text };
     let shown: String = text.chars().take(200).collect();
-    format!("HTTP {}: {}", status.as_u16(), shown.escape_debug())
+    let hint = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            " (the ACL token is missing, unknown, or lacks service:read and node:read)"
+        }
+        _ => "",
+    };
+    format!("HTTP {}{hint}: {}", status.as_u16(), shown.escape_debug())
+}
+
+/// A request that got no answer, as a sentence: a connection that failed says so with the
+/// operating system's reason, not hyper's `client error (Connect)` layers.
+fn describe_send_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    if e.is_connect() {
+        format!("could not connect: {}", root_cause(&e))
+    } else {
+        error_chain(&e)
+    }
 }
 
 /// The body, refused past [`MAX_BODY`] without reading the rest.
@@ -303,7 +320,7 @@ mod tests {
     fn an_error_status_shows_its_code_and_the_start_of_the_body_escaped() {
         assert_eq!(
             describe_status(StatusCode::FORBIDDEN, b"ACL not found\n"),
-            "HTTP 403: ACL not found"
+            "HTTP 403 (the ACL token is missing, unknown, or lacks service:read and node:read): ACL not found"
         );
         assert_eq!(
             describe_status(StatusCode::INTERNAL_SERVER_ERROR, b""),

@@ -35,6 +35,7 @@ use blocking::{request_timeout, Progress, RateLimit, MAX_WAIT, MIN_WAIT};
 use client::{Client, HealthQuery};
 use parse::{parse_entries, Duplicate, Parsed, Skipped};
 
+use super::skipped::SkipTracker;
 use super::{until_shutdown, Sink, Source};
 use crate::config::ConsulSource;
 
@@ -66,7 +67,7 @@ pub enum ConsulError {
     #[error("consul request failed: {0}")]
     Request(String),
     /// A request got no answer within its timeout.
-    #[error("consul did not answer within {}", humantime::format_duration(*.0))]
+    #[error("consul did not answer within {:.1} s", .0.as_secs_f64())]
     Timeout(Duration),
     /// The answer had no usable `X-Consul-Index` header.
     #[error("consul's answer carried no usable X-Consul-Index header ({0:?})")]
@@ -150,6 +151,7 @@ impl Source for ConsulWatch {
         let mut progress = Progress::default();
         let mut limit = RateLimit::new(Instant::now());
         let mut warned = Warned::default();
+        let mut tracker = SkipTracker::default();
         loop {
             let pause = limit.delay(Instant::now());
             if !pause.is_zero() && !sleep_or_shutdown(pause, &shutdown).await {
@@ -166,16 +168,18 @@ impl Source for ConsulWatch {
                 Ok((returned, entries)) => {
                     let parsed = parse_entries(&entries, &self.tags);
                     warned.warn_new(&self.service, &parsed);
-                    let left_out = parsed.left_out();
-                    let out = progress.on_answer(returned, parsed.endpoints, left_out);
+                    let (skipped, newly) = tracker.observe(parsed.left_out_entries());
+                    let out = progress.on_answer(returned, parsed.endpoints, skipped, newly);
                     if let Some((from, to)) = out.index_went_back {
                         tracing::info!(service = %self.service, from, to, "Consul index went backwards; restarting the blocking query from 0.");
                     }
                     if out.recovered_after > 0 {
                         tracing::info!(service = %self.service, failed_requests = out.recovered_after, "Consul answers again.");
                     }
-                    if let Some((endpoints, skipped)) = out.send {
-                        if !until_shutdown(sink.snapshot(endpoints, skipped), &shutdown).await {
+                    if let Some((endpoints, skipped, newly)) = out.send {
+                        if !until_shutdown(sink.snapshot(endpoints, skipped, newly), &shutdown)
+                            .await
+                        {
                             return;
                         }
                     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use super::api::{Check, ServiceEntry};
 use crate::model::{Address, Endpoint, RegistryState, ServerAttrs};
+use crate::sources::SkippedEntry;
 
 /// The `Service.Meta` keys that become server attributes; other keys are ignored.
 pub const META_ATTRIBUTES: [&str; 4] = ["weight", "backup", "max_fails", "fail_timeout"];
@@ -51,6 +52,34 @@ impl Parsed {
     pub fn left_out(&self) -> usize {
         self.skipped.len() + self.duplicates.len()
     }
+
+    /// Every instance left out, named `service ID <id> on node <node>` (escaped), with why.
+    pub fn left_out_entries(&self) -> Vec<SkippedEntry> {
+        let invalid = self
+            .skipped
+            .iter()
+            .map(|s| SkippedEntry::new(instance_name(&s.service_id, &s.node), s.reason.clone()));
+        let duplicates = self.duplicates.iter().map(|d| {
+            SkippedEntry::new(
+                instance_name(&d.dropped.0, &d.dropped.1),
+                format!(
+                    "its address {} is already given by {}",
+                    d.address,
+                    instance_name(&d.kept.0, &d.kept.1)
+                ),
+            )
+        });
+        invalid.chain(duplicates).collect()
+    }
+}
+
+/// An instance as `/status` and the logs name it: control characters and quotes escaped.
+pub fn instance_name(service_id: &str, node: &str) -> String {
+    format!(
+        "service ID {} on node {}",
+        service_id.escape_debug(),
+        node.escape_debug()
+    )
 }
 
 /// Turns one answer into endpoints.
@@ -278,6 +307,33 @@ mod tests {
             p.skipped[3].reason.contains("weight"),
             "{}",
             p.skipped[3].reason
+        );
+    }
+
+    #[test]
+    fn left_out_entries_name_each_instance_escaped_with_its_reason() {
+        let entries = [
+            entry(
+                "bad\n<b>",
+                "n1",
+                "10.0.0.1",
+                80,
+                json!({"weight": "x"}),
+                vec![],
+            ),
+            entry("a", "n1", "10.0.0.2", 80, json!({}), vec![]),
+            entry("b", "n2", "10.0.0.2", 80, json!({}), vec![]),
+        ];
+        let left = parse_entries(&entries, &[]).left_out_entries();
+        let names: Vec<&str> = left.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["service ID bad\\n<b> on node n1", "service ID b on node n2"]
+        );
+        assert!(left[0].reason.contains("weight"), "{}", left[0].reason);
+        assert_eq!(
+            left[1].reason,
+            "its address 10.0.0.2:80 is already given by service ID a on node n1"
         );
     }
 

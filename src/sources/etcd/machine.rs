@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 
 use super::entry::{parse_entry, EntryError};
 use crate::model::{Address, Endpoint};
+use crate::sources::skipped::SkipTracker;
+use crate::sources::{Skipped, SkippedEntry};
 
 /// What the source is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +99,7 @@ pub struct Snapshot {
     /// Valid endpoints, sorted by address, one per address.
     pub endpoints: Vec<Endpoint>,
     /// Entries left out: invalid, or a second key for an address already present.
-    pub skipped: usize,
+    pub skipped: Skipped,
 }
 
 /// What the shell must do after an input. Empty most of the time.
@@ -105,6 +107,8 @@ pub struct Snapshot {
 pub struct Step {
     /// Send this snapshot.
     pub send: Option<Snapshot>,
+    /// With `send`: how many left-out keys the previous snapshot did not leave out.
+    pub newly_skipped: usize,
     /// Report this failure (the first of an outage only).
     pub report: Option<String>,
     /// The failure to log when it was not reported (a retry within an outage).
@@ -132,6 +136,8 @@ pub struct Machine {
     /// Failures in a row since the last successful list.
     failures: u32,
     last_sent: Option<Snapshot>,
+    /// The keys left out of the last computed snapshot.
+    tracker: SkipTracker,
 }
 
 impl Machine {
@@ -144,6 +150,7 @@ impl Machine {
             revision: 0,
             failures: 0,
             last_sent: None,
+            tracker: SkipTracker::default(),
         }
     }
 
@@ -196,9 +203,10 @@ impl Machine {
                 };
                 // Always sent: after a failure the controller holds a stale snapshot, and
                 // this is what makes it fresh again.
-                let (snapshot, duplicates) = self.snapshot();
+                let (snapshot, newly, duplicates) = self.snapshot();
                 self.last_sent = Some(snapshot.clone());
                 step.send = Some(snapshot);
+                step.newly_skipped = newly;
                 step.duplicates = duplicates;
             }
             (Phase::Watch { .. }, Input::Watched(msg)) => self.watched(msg, &mut step),
@@ -244,10 +252,13 @@ impl Machine {
                 }
             }
         }
-        let (snapshot, duplicates) = self.snapshot();
-        if self.last_sent.as_ref() != Some(&snapshot) {
+        let (snapshot, newly, duplicates) = self.snapshot();
+        // A newly invalid key is sent even when the list looks the same (it replaced another
+        // one beyond the listed few): the counter must see it.
+        if newly > 0 || self.last_sent.as_ref() != Some(&snapshot) {
             self.last_sent = Some(snapshot.clone());
             step.send = Some(snapshot);
+            step.newly_skipped = newly;
             step.duplicates = duplicates;
         }
     }
@@ -257,27 +268,34 @@ impl Machine {
         parse_entry(key, &self.prefix, value)
     }
 
-    /// The membership the entries describe: the first key (in key order) for an address wins.
-    fn snapshot(&self) -> (Snapshot, Vec<(String, String)>) {
+    /// The membership the entries describe (the first key in key order for an address wins),
+    /// how many left-out keys are new since the last call, and the duplicate keys with the
+    /// key that won.
+    fn snapshot(&mut self) -> (Snapshot, usize, Vec<(String, String)>) {
         let mut by_address: BTreeMap<Address, (&[u8], &Endpoint)> = BTreeMap::new();
-        let mut skipped = 0;
+        let mut left_out = Vec::new();
         let mut duplicates = Vec::new();
         for (key, parsed) in &self.entries {
             match parsed {
                 Ok(ep) => match by_address.get(&ep.address) {
                     Some((first, _)) => {
-                        skipped += 1;
-                        duplicates.push((display_key(key), display_key(first)));
+                        let (key, first) = (display_key(key), display_key(first));
+                        left_out.push(SkippedEntry::new(
+                            key.clone(),
+                            format!("its address {} is already given by {first}", ep.address),
+                        ));
+                        duplicates.push((key, first));
                     }
                     None => {
                         by_address.insert(ep.address.clone(), (key, ep));
                     }
                 },
-                Err(_) => skipped += 1,
+                Err(e) => left_out.push(SkippedEntry::new(display_key(key), e.to_string())),
             }
         }
         let endpoints = by_address.into_values().map(|(_, ep)| ep.clone()).collect();
-        (Snapshot { endpoints, skipped }, duplicates)
+        let (skipped, newly) = self.tracker.observe(left_out);
+        (Snapshot { endpoints, skipped }, newly, duplicates)
     }
 }
 
@@ -354,7 +372,9 @@ mod tests {
         });
         let snap = step.send.unwrap();
         assert_eq!(addrs(&snap), ["10.0.0.1:80", "10.0.0.2:80"]);
-        assert_eq!(snap.skipped, 1);
+        assert_eq!(snap.skipped.total, 1);
+        assert_eq!(snap.skipped.listed[0].name, "/svc/k/bad");
+        assert_eq!(step.newly_skipped, 1);
         assert_eq!(step.refused.len(), 1);
         assert_eq!(step.refused[0].0, "/svc/k/bad");
         assert_eq!(m.phase(), Phase::Watch { start_revision: 42 });
@@ -373,7 +393,7 @@ mod tests {
             step.send,
             Some(Snapshot {
                 endpoints: vec![],
-                skipped: 0
+                skipped: Skipped::none()
             })
         );
     }
@@ -399,7 +419,7 @@ mod tests {
         assert_eq!(step.send, None);
         // A key outside any valid layout changes the skipped count: that is sent.
         let step = m.step(events(12, vec![put("/svc/k/x", "nope")]));
-        assert_eq!(step.send.unwrap().skipped, 1);
+        assert_eq!(step.send.unwrap().skipped.total, 1);
         // Deleting a key that was never there changes nothing.
         assert_eq!(m.step(events(13, vec![del("/svc/k/zzz")])).send, None);
     }
@@ -440,7 +460,11 @@ mod tests {
             ],
         });
         let snap = step.send.unwrap();
-        assert_eq!((snap.endpoints.len(), snap.skipped), (1, 1));
+        assert_eq!((snap.endpoints.len(), snap.skipped.total), (1, 1));
+        assert_eq!(
+            snap.skipped.listed[0].reason,
+            "its address 10.0.0.1:80 is already given by /svc/k/a"
+        );
         assert_eq!(snap.endpoints[0].origin, "/svc/k/a");
         assert_eq!(
             step.duplicates,
@@ -547,7 +571,8 @@ mod tests {
         });
         let keys: Vec<&str> = step.refused.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["/svc/k/worse"]);
-        assert_eq!(step.send.unwrap().skipped, 2);
+        assert_eq!(step.send.unwrap().skipped.total, 2);
+        assert_eq!(step.newly_skipped, 1, "only /svc/k/worse is new");
     }
 
     #[test]
@@ -558,8 +583,26 @@ mod tests {
             revision: 1,
             kvs: vec![(b"/svc/k/\xff".to_vec(), b"10.0.0.1:80".to_vec())],
         });
-        assert_eq!(step.send.unwrap().skipped, 1);
+        assert_eq!(step.send.unwrap().skipped.total, 1);
         assert_eq!(step.refused[0].1, EntryError::KeyNotUtf8);
+    }
+
+    #[test]
+    fn a_bad_key_replaced_by_another_bad_key_is_sent_and_counted() {
+        let many: Vec<_> = (0..25)
+            .map(|i| kv(&format!("/svc/k/{i:02}"), "x y"))
+            .collect();
+        let mut m = watching(many);
+        // Key 24 (beyond the listed 20) is replaced by key 30: same total, same list.
+        let step = m.step(events(
+            11,
+            vec![del("/svc/k/24"), put("/svc/k/30", "still bad")],
+        ));
+        let snap = step.send.expect("sent: a new bad key");
+        assert_eq!((snap.skipped.total, step.newly_skipped), (25, 1));
+        // Rewriting a bad key with another bad value is the same entry: nothing new, no send.
+        let step = m.step(events(12, vec![put("/svc/k/30", "bad again")]));
+        assert_eq!((step.send, step.newly_skipped), (None, 0));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use entry::{parse_entry, EntryError};
 use machine::{Change, Input, Machine, Phase, Step, WatchMsg};
 
-use super::retry::{self, error_chain};
+use super::retry::{self, error_chain, root_cause};
 use super::{until_shutdown, Sink, Source};
 use crate::config::EtcdSource;
 
@@ -90,7 +90,7 @@ pub enum EtcdError {
         detail: String,
     },
     /// A request got no answer in time.
-    #[error("etcd {op} got no answer within {}", humantime::format_duration(*.after))]
+    #[error("etcd {op} got no answer within {:.1} s", .after.as_secs_f64())]
     Timeout {
         /// What was asked.
         op: &'static str,
@@ -106,8 +106,39 @@ impl EtcdError {
     fn request(op: &'static str, e: &etcd_client::Error) -> Self {
         Self::Request {
             op,
-            detail: error_chain(e),
+            detail: describe(e),
         }
+    }
+}
+
+/// An etcd client error as a sentence. A gRPC status reads as its code's meaning, etcd's
+/// message and the root cause; tonic's own `Display` of a status would print its cause with
+/// `Debug` (`tonic::transport::Error(Transport, hyper::Error(…))`).
+fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            // tonic's descriptions start with a capital: mid-line, they should not.
+            let described = status.code().description();
+            let mut chars = described.chars();
+            let meaning: String = chars
+                .next()
+                .map(|c| c.to_lowercase().chain(chars).collect())
+                .unwrap_or_default();
+            let mut line = match status.message().trim() {
+                "" => meaning.to_owned(),
+                message => format!("{meaning}: {message}"),
+            };
+            if let Some(source) = std::error::Error::source(status) {
+                let root = root_cause(source).to_string();
+                if !line.contains(&root) {
+                    line = format!("{line}: {root}");
+                }
+            }
+            line
+        }
+        // etcd-client's error keeps its cause out of `source()`: follow the transport's.
+        etcd_client::Error::TransportError(t) => error_chain(t),
+        other => other.to_string(),
     }
 }
 
@@ -372,9 +403,9 @@ impl EtcdWatch {
             }
         }
         if let Some(snapshot) = step.send {
-            tracing::debug!(%upstream, %source, endpoints = snapshot.endpoints.len(), skipped = snapshot.skipped, revision, "etcd membership changed.");
+            tracing::debug!(%upstream, %source, endpoints = snapshot.endpoints.len(), skipped = snapshot.skipped.total, revision, "etcd membership changed.");
             if !until_shutdown(
-                sink.snapshot(snapshot.endpoints, snapshot.skipped),
+                sink.snapshot(snapshot.endpoints, snapshot.skipped, step.newly_skipped),
                 shutdown,
             )
             .await
@@ -608,6 +639,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_grpc_status_reads_as_a_sentence_without_debug_text() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let mut status = tonic::Status::unavailable("tcp connect error");
+        status.set_source(std::sync::Arc::new(refused));
+        let line = EtcdError::request("list", &etcd_client::Error::GRpcStatus(status)).to_string();
+        assert_eq!(
+            line,
+            "etcd list failed: the service is currently unavailable: tcp connect error: connection refused"
+        );
+        let denied = tonic::Status::permission_denied("etcdserver: permission denied");
+        let line = describe(&etcd_client::Error::GRpcStatus(denied));
+        assert!(line.ends_with(": etcdserver: permission denied"), "{line}");
+        assert!(!line.contains("code:") && !line.contains('\''), "{line}");
     }
 
     #[tokio::test]
