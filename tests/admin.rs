@@ -12,41 +12,9 @@ use nix::sys::signal::Signal;
 
 const SHORT: Duration = Duration::from_secs(10);
 
-struct Setup {
-    replicas: Vec<Replica>,
-    nginx: Nginx,
-    daemon: Daemon,
-    admin: String,
-}
-
-fn setup(n: usize) -> Setup {
-    let replicas: Vec<Replica> = ["alpha", "bravo", "charlie"][..n]
-        .iter()
-        .map(|name| Replica::start(name))
-        .collect();
-    let nginx = Nginx::start("kotaemon");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    )
-    .replace(
-        "[[upstream]]",
-        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
-    );
-    let daemon = Daemon::start(&cfg);
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
-    Setup {
-        replicas,
-        nginx,
-        daemon,
-        admin,
-    }
+/// The first `n` of alpha, bravo and charlie behind nginx, with the admin server.
+fn setup(n: usize) -> AdminStack {
+    AdminStack::start(&["alpha", "bravo", "charlie"][..n], "")
 }
 
 fn get(admin: &str, path: &str) -> (u16, String) {

@@ -13,42 +13,9 @@ use nix::sys::signal::Signal;
 
 const SHORT: Duration = Duration::from_secs(10);
 
-struct Setup {
-    replicas: Vec<Replica>,
-    nginx: Nginx,
-    daemon: Daemon,
-    admin: String,
-}
-
 /// Two replicas behind a real nginx, with the admin server and `admin_extra` under `[admin]`.
-fn setup(admin_extra: &str) -> Setup {
-    let replicas: Vec<Replica> = ["alpha", "bravo"]
-        .iter()
-        .map(|name| Replica::start(name))
-        .collect();
-    let nginx = Nginx::start("kotaemon");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    )
-    .replace(
-        "[[upstream]]",
-        &format!("[admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n[[upstream]]"),
-    );
-    let daemon = Daemon::start(&cfg);
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
-    Setup {
-        replicas,
-        nginx,
-        daemon,
-        admin,
-    }
+fn setup(admin_extra: &str) -> AdminStack {
+    AdminStack::start(&["alpha", "bravo"], admin_extra)
 }
 
 /// A connection that sent half a request head and then stalls.

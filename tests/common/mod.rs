@@ -803,3 +803,50 @@ impl Drop for Bystander {
         kill_and_reap(&mut self.0);
     }
 }
+
+/// Replicas behind a real nginx and a daemon with its admin server: what the admin and
+/// operator tests start from.
+pub struct AdminStack {
+    /// The stand-in replicas, in the order named.
+    pub replicas: Vec<Replica>,
+    /// The private nginx in front of them.
+    pub nginx: Nginx,
+    /// upstreamd, ready (its `/readyz` answered 200).
+    pub daemon: Daemon,
+    /// The admin server's address.
+    pub admin: String,
+}
+
+impl AdminStack {
+    /// Starts `names` as replicas, nginx, and upstreamd with a static list of them and
+    /// `admin_extra` under `[admin]`; returns once `/readyz` says 200.
+    pub fn start(names: &[&str], admin_extra: &str) -> Self {
+        let replicas: Vec<Replica> = names.iter().map(|name| Replica::start(name)).collect();
+        let nginx = Nginx::start("kotaemon");
+        let admin = format!("127.0.0.1:{}", free_port());
+        let cfg = static_config(
+            &nginx,
+            "kotaemon",
+            &replicas.iter().collect::<Vec<_>>(),
+            "",
+            "",
+        )
+        .replace(
+            "[[upstream]]",
+            &format!("[admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n[[upstream]]"),
+        );
+        let daemon = Daemon::start(&cfg);
+        wait_for("readyz", Duration::from_secs(15), || {
+            matches!(
+                http_get(&admin, "/readyz", Duration::from_secs(15)),
+                Some((200, _))
+            )
+        });
+        AdminStack {
+            replicas,
+            nginx,
+            daemon,
+            admin,
+        }
+    }
+}
