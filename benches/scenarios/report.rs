@@ -176,7 +176,8 @@ pub fn targets(r: &Results) -> Vec<Target> {
                  within the hour, so its errors grow with the window. upstreamd's stop once it \
                  removes the replica: nginx's last request to it started {} after the event (the \
                  probe timing: a probe times out after 500 ms and fall = 2 needs a second one \
-                 1 s later; then settle 250 ms and the reload). The ratio is that time ÷ the \
+                 1 s later; then the reload, a removal skips `settle`). The ratio is that time \
+                 ÷ the \
                  {:.0} s window; a tenth needs removal within {:.1} s, which `interval = \"500ms\"` \
                  or `fall = 1` would give, at the cost of tolerance to a flapping replica.",
                 secs(u.last_sent_s),
@@ -267,8 +268,11 @@ fn haproxy_targets(r: &Results) -> Vec<Target> {
                     } else {
                         u.during.errors <= h.during.errors
                     }),
-                    why: "upstreamd's figures include `settle` (250 ms) on the removal until \
-                          urgent removals land; the machine is shared and noisy."
+                    why: "A removal skips `settle`, but still costs a reload (nginx's 100 ms \
+                          between new and old workers included); HAProxy tuned also marks a \
+                          server down from live traffic errors (`observe layer7`, `on-error \
+                          mark-down`), which upstreamd deliberately never does: the error log \
+                          only brings a probe forward. The machine is shared and noisy."
                         .into(),
                 },
                 _ => Target {
@@ -296,7 +300,7 @@ fn haproxy_targets(r: &Results) -> Vec<Target> {
             target,
             measured: format!("{} after the hang", secs(u.last_sent_s)),
             met: u.last_sent_s.map(|s| s <= bound),
-            why: "Includes `settle` (250 ms) and the reload until urgent removals land.".into(),
+            why: "Includes the reload; a removal skips `settle`.".into(),
         },
         None => Target {
             target,
@@ -413,8 +417,8 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
              probes (`inter {interval}`, `rise`/`fall`, `timeout check` and `timeout connect` \
              {timeout}, `option redispatch 1`, `balance hash req.cook(kh_affinity)` consistent, \
              `timeout server 3600s`, `option abortonclose` as nginx drops an abandoned request); *tuned* adds `fastinter 200ms`, `observe layer7`, \
-             `error-limit 1`, `on-error mark-down`. upstreamd's removals still wait `settle` \
-             (250 ms) here.\n",
+             `error-limit 1`, `on-error mark-down`. upstreamd applies a removal without \
+             waiting for `settle`.\n",
             before = p.fail_before_s,
             window = p.fail_window_s,
             sick = p.sick_ms,
