@@ -14,17 +14,6 @@ use common::*;
 
 const SHORT: Duration = Duration::from_secs(15);
 
-/// Adds `[admin] listen` to a config; returns the config and the admin address.
-fn with_admin(cfg: String) -> (String, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = cfg.replacen(
-        "[[upstream]]",
-        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
-        1,
-    );
-    (cfg, admin)
-}
-
 /// `/metrics`, or nothing while the admin server is not up yet.
 fn metrics_of(admin: &str) -> String {
     http_get(admin, "/metrics", SHORT)

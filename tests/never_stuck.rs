@@ -14,17 +14,6 @@ use nix::sys::signal::{kill, Signal};
 
 const SHORT: Duration = Duration::from_secs(15);
 
-/// Adds `[admin] listen` to a config; returns the config and the admin address.
-fn with_admin(cfg: String) -> (String, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = cfg.replacen(
-        "[[upstream]]",
-        &format!("[admin]\nlisten = \"{admin}\"\n\n[[upstream]]"),
-        1,
-    );
-    (cfg, admin)
-}
-
 fn reloads(admin: &str, result: &str) -> f64 {
     let text = http_get(admin, "/metrics", SHORT)
         .map(|(_, body)| body)

@@ -214,6 +214,22 @@ pub fn get_request(path: &str, extra_headers: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Which stand-in replica answered `GET /` on `addr` for a fresh cookie (`probe-{k}`), or
+/// `None` after a short pause when nothing usable answered.
+pub async fn served_by(addr: &str, k: u64) -> Option<String> {
+    let cookie = format!("Cookie: kh_affinity=probe-{k}\r\n");
+    match get_once(addr, "/", &cookie, Duration::from_secs(2)).await {
+        Ok((200, body)) => body
+            .trim()
+            .strip_prefix("kotaemon-standin ")
+            .map(str::to_owned),
+        _ => {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        }
+    }
+}
+
 /// One GET on a fresh connection: (status, body).
 pub async fn get_once(
     addr: &str,

@@ -113,15 +113,8 @@ impl Haproxy {
                 );
             }
             k += 1;
-            let cookie = format!("Cookie: kh_affinity=probe-{k}\r\n");
-            if let Ok((200, body)) =
-                crate::client::get_once(&addr, "/", &cookie, Duration::from_secs(2)).await
-            {
-                if let Some(name) = body.trim().strip_prefix("kotaemon-standin ") {
-                    seen.insert(name.to_owned());
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(name) = crate::client::served_by(&addr, k).await {
+                seen.insert(name);
             }
         }
         Ok(())

@@ -823,17 +823,15 @@ impl AdminStack {
     pub fn start(names: &[&str], admin_extra: &str) -> Self {
         let replicas: Vec<Replica> = names.iter().map(|name| Replica::start(name)).collect();
         let nginx = Nginx::start("kotaemon");
-        let admin = format!("127.0.0.1:{}", free_port());
-        let cfg = static_config(
-            &nginx,
-            "kotaemon",
-            &replicas.iter().collect::<Vec<_>>(),
-            "",
-            "",
-        )
-        .replace(
-            "[[upstream]]",
-            &format!("[admin]\nlisten = \"{admin}\"\n{admin_extra}\n\n[[upstream]]"),
+        let (cfg, admin) = with_admin_extra(
+            static_config(
+                &nginx,
+                "kotaemon",
+                &replicas.iter().collect::<Vec<_>>(),
+                "",
+                "",
+            ),
+            admin_extra,
         );
         let daemon = Daemon::start(&cfg);
         wait_for("readyz", Duration::from_secs(15), || {
@@ -849,4 +847,20 @@ impl AdminStack {
             admin,
         }
     }
+}
+
+/// Adds `[admin] listen` on a free port to a config; returns the config and the address.
+pub fn with_admin(cfg: String) -> (String, String) {
+    with_admin_extra(cfg, "")
+}
+
+/// [`with_admin`], with `extra` lines under `[admin]`.
+pub fn with_admin_extra(cfg: String, extra: &str) -> (String, String) {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = cfg.replacen(
+        "[[upstream]]",
+        &format!("[admin]\nlisten = \"{admin}\"\n{extra}\n\n[[upstream]]"),
+        1,
+    );
+    (cfg, admin)
 }
