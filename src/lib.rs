@@ -17,7 +17,8 @@
 //!   forward.
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.
 //! - [`notify`]: systemd readiness, status and watchdog notifications.
-//! - [`admin`]: the admin HTTP server and status page; [`metrics`]: Prometheus text.
+//! - [`admin`]: the admin HTTP server and status page; [`metrics`]: typed Prometheus families;
+//!   [`events`]: each thing that happens, its log line and its metrics written together.
 //! - [`logging`]: text-log fields with every control character escaped.
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod affinity;
 pub mod config;
 pub mod controller;
 pub mod decide;
+pub mod events;
 pub mod feedback;
 pub mod health;
 pub mod logging;

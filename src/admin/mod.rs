@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::status::ControllerHandle;
+use crate::events::{AdminConnectionRefused, Event};
 use crate::metrics::Metrics;
 
 /// How long the controller loop may take to answer before `/healthz` calls it stuck.
@@ -129,14 +130,11 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             drop(stream);
-            metrics.inc("upstreamd_admin_connections_refused_total", &[]);
-            if let Some(times) = refused.hit(Instant::now()) {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    times,
-                    "Admin connections are at their cap; closing new ones at once."
-                );
+            AdminConnectionRefused {
+                max_connections: limits.max_connections,
+                log_times: refused.hit(Instant::now()),
             }
+            .emit(&metrics);
             continue;
         };
         let (service, stop) = (service.clone(), shutdown.clone());
@@ -191,10 +189,7 @@ async fn status_page(State(s): State<AppState>) -> Response {
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),
     )
         .into_response()

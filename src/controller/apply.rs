@@ -2,14 +2,15 @@
 //! and apply when the schedule says so. A failed apply or render is reported and the loop goes
 //! on: the change stays pending and is retried with backoff until nginx runs the file.
 
-use std::time::SystemTime;
-
 use tokio::time::Instant;
 
 use super::changes::{describe, is_urgent, parse_servers};
 use super::status::{ApplyState, LastApply};
 use super::{Controller, ControllerError, Mode, Outcome};
 use crate::decide::Desired;
+use crate::events::{
+    ApplyFailed, ApplyProgress, Event, FileWritten, Reloaded, RenderFailed, Rendered,
+};
 use crate::nginx::{self, Applied, ApplyError, Nginx, Reach};
 use crate::render::RenderError;
 
@@ -38,13 +39,13 @@ impl<N: Nginx> Controller<N> {
         let text = match self.render() {
             Ok(text) => text,
             Err(e) if mode == Mode::Run => {
-                self.metrics
-                    .inc("upstreamd_renders_total", &[("result", "error")]);
                 let error = e.to_string();
-                if self.render_error.as_deref() != Some(error.as_str()) {
-                    tracing::error!(%error, output = %self.cfg.nginx.output.display(),
-                        "Could not render the upstream file; keeping the last good one and running on.");
+                RenderFailed {
+                    error: &error,
+                    output: &self.cfg.nginx.output,
+                    new: self.render_error.as_deref() != Some(error.as_str()),
                 }
+                .emit(&self.metrics);
                 self.render_error = Some(error);
                 return Ok(());
             }
@@ -55,10 +56,7 @@ impl<N: Nginx> Controller<N> {
         }
         self.on_disk = self.read_on_disk();
         let differs = self.on_disk.as_deref() != Some(text.as_str()) || !self.confirmed;
-        self.metrics.inc(
-            "upstreamd_renders_total",
-            &[("result", if differs { "changed" } else { "unchanged" })],
-        );
+        Rendered { changed: differs }.emit(&self.metrics);
         let urgent = differs && {
             let new = parse_servers(&text);
             let against_disk = self
@@ -138,17 +136,11 @@ impl<N: Nginx> Controller<N> {
     }
 
     pub(super) fn set_apply_gauges(&self) {
-        let pending = self.schedule.is_pending() || self.render_error.is_some();
-        self.metrics.set(
-            "upstreamd_apply_pending",
-            &[],
-            if pending { 1.0 } else { 0.0 },
-        );
-        self.metrics.set(
-            "upstreamd_apply_failures_consecutive",
-            &[],
-            f64::from(self.schedule.failures()),
-        );
+        ApplyProgress {
+            pending: self.schedule.is_pending() || self.render_error.is_some(),
+            failures: self.schedule.failures(),
+        }
+        .emit(&self.metrics);
     }
 
     pub(super) fn mark_ready(&mut self) {
@@ -203,26 +195,17 @@ impl<N: Nginx> Controller<N> {
         match result {
             Ok(applied) => {
                 if let Applied::Reloaded { .. } = applied {
-                    self.metrics
-                        .inc("upstreamd_reloads_total", &[("result", "ok")]);
-                    self.metrics.observe(
-                        "upstreamd_reload_duration_seconds",
-                        &[],
-                        took.as_secs_f64(),
-                    );
-                    let unix = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default();
-                    self.metrics.set(
-                        "upstreamd_last_reload_success_timestamp_seconds",
-                        &[],
-                        unix.as_secs_f64(),
-                    );
-                    tracing::info!(%changes, took_ms = took.as_millis() as u64,
-                        "Applied the new upstream file and nginx reloaded.");
+                    Reloaded {
+                        changes: &changes,
+                        took,
+                    }
+                    .emit(&self.metrics);
                 } else if let Applied::Written { .. } = applied {
-                    tracing::info!(%changes, output = %self.cfg.nginx.output.display(),
-                        "Wrote the upstream file; nginx was not signalled.");
+                    FileWritten {
+                        changes: &changes,
+                        output: &self.cfg.nginx.output,
+                    }
+                    .emit(&self.metrics);
                 }
                 if !matches!(applied, Applied::Written { .. }) {
                     self.confirmed = true;
@@ -233,24 +216,18 @@ impl<N: Nginx> Controller<N> {
                 Ok(())
             }
             Err(e) => {
-                self.metrics
-                    .inc("upstreamd_reloads_total", &[("result", e.result_label())]);
                 if !e.file_restored() {
                     // The failed bytes may be on disk: nginx must confirm them before the
                     // file counts as applied.
                     self.confirmed = false;
                 }
                 self.on_disk = self.read_on_disk();
-                let state = if e.file_restored() {
-                    "the file nginx runs is unchanged"
-                } else {
-                    "the file on disk may not be what nginx runs"
-                };
-                let retry = retry_in
-                    .map(|d| format!("{:.1}s", d.as_secs_f64()))
-                    .unwrap_or_default();
-                tracing::error!(error = %e, failures = self.schedule.failures(), retry_in = %retry,
-                    "Could not apply the new upstream file; {state}. Retrying with backoff.");
+                ApplyFailed {
+                    error: &e,
+                    failures: self.schedule.failures(),
+                    retry_in,
+                }
+                .emit(&self.metrics);
                 self.failed = Some(text);
                 Err(e)
             }

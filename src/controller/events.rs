@@ -9,7 +9,12 @@ use tokio::time::Instant;
 
 use super::state::{self, ShrinkEvent, UpstreamState};
 use super::{saved, Controller};
-use crate::health::{Health, ProbeReport};
+use crate::events::{
+    EndpointsCounted, Event, HealthChanged, ProbeFinished, ShrinkHoldMeasured, SourceAnswered,
+    SourceFailed,
+};
+use crate::health::ProbeReport;
+use crate::metrics::labels::ProbeResult;
 use crate::nginx::Nginx;
 use crate::sources::{SourceEvent, SourceKey, SourceUpdate};
 
@@ -24,33 +29,30 @@ impl<N: Nginx> Controller<N> {
         let now = Instant::now();
         let metrics = Arc::clone(&self.metrics);
         let SourceUpdate { key, event } = update;
-        let labels = [
-            ("upstream", key.upstream.as_str()),
-            ("source", key.label.as_str()),
-        ];
         let Some(u) = self.upstream_mut(&key) else {
             return;
         };
+        let was_failing = u.sources.get(key.index).map(|s| s.error.is_some());
         match &event {
             SourceEvent::Snapshot {
                 skipped,
                 newly_skipped,
                 ..
-            } => {
-                metrics.inc("upstreamd_source_updates_total", &labels);
-                metrics.set("upstreamd_source_up", &labels, 1.0);
-                metrics.skipped_now(&labels, skipped.total, *newly_skipped);
-                if u.sources.get(key.index).is_some_and(|s| s.error.is_some()) {
-                    tracing::info!(upstream = %key.upstream, source = %key.label, "Source recovered.");
-                }
+            } => SourceAnswered {
+                upstream: &key.upstream,
+                source: &key.label,
+                skipped: skipped.total,
+                newly_skipped: *newly_skipped,
+                recovered: was_failing == Some(true),
             }
-            SourceEvent::Failed { error } => {
-                metrics.set("upstreamd_source_up", &labels, 0.0);
-                if u.sources.get(key.index).is_some_and(|s| s.error.is_none()) {
-                    tracing::warn!(upstream = %key.upstream, source = %key.label, %error,
-                        "Source failed; keeping its last snapshot and changing nothing in nginx.");
-                }
+            .emit(&metrics),
+            SourceEvent::Failed { error } => SourceFailed {
+                upstream: &key.upstream,
+                source: &key.label,
+                error,
+                first: was_failing == Some(false),
             }
+            .emit(&metrics),
         }
         let delta = u.on_source(key.index, event, now);
         self.after_source(&key, &delta, now);
@@ -119,12 +121,11 @@ impl<N: Nginx> Controller<N> {
 
     pub(super) fn update_shrink_gauge(&self, upstream: &crate::model::UpstreamName, now: Instant) {
         if let Some(u) = self.upstreams.iter().find(|u| &u.cfg.name == upstream) {
-            let held = u.shrink_held(now).is_some();
-            self.metrics.set(
-                "upstreamd_shrink_held",
-                &[("upstream", upstream.as_str())],
-                if held { 1.0 } else { 0.0 },
-            );
+            ShrinkHoldMeasured {
+                upstream,
+                held: u.shrink_held(now).is_some(),
+            }
+            .emit(&self.metrics);
         }
     }
 
@@ -175,16 +176,13 @@ impl<N: Nginx> Controller<N> {
         let Some(u) = self.upstreams.iter_mut().find(|u| u.cfg.name == r.upstream) else {
             return;
         };
+        ProbeFinished {
+            upstream: &r.upstream,
+            result: ProbeResult::from(&r.outcome),
+            latency: r.latency,
+        }
+        .emit(&self.metrics);
         let name = r.upstream.as_str();
-        self.metrics.inc(
-            "upstreamd_probes_total",
-            &[("upstream", name), ("result", r.outcome.label())],
-        );
-        self.metrics.observe(
-            "upstreamd_probe_duration_seconds",
-            &[("upstream", name)],
-            r.latency.as_secs_f64(),
-        );
         let transition = u.on_probe(&r.address, &r.outcome, r.latency, now);
         if !u.hinted_404 && u.all_404() {
             u.hinted_404 = true;
@@ -192,16 +190,14 @@ impl<N: Nginx> Controller<N> {
                 "Every endpoint answers 404 on the health path. Kotaemon has no /health: set [upstream.health] path = \"/queue/status\".");
         }
         if let Some((t, why)) = transition {
-            let to = match t.to {
-                Health::Up => "healthy",
-                Health::Down => "unhealthy",
-                Health::Unknown => "unknown",
-            };
-            tracing::info!(upstream = name, endpoint = %r.address, from = %t.from, to = %t.to, %why, "Endpoint health changed.");
-            self.metrics.inc(
-                "upstreamd_health_transitions_total",
-                &[("upstream", name), ("to", to)],
-            );
+            HealthChanged {
+                upstream: &r.upstream,
+                endpoint: &r.address,
+                from: t.from,
+                to: t.to,
+                why: &why,
+            }
+            .emit(&self.metrics);
             self.gauges_stale = true;
             self.dirty = true;
         }
@@ -209,13 +205,11 @@ impl<N: Nginx> Controller<N> {
 
     pub(super) fn update_gauges(&self) {
         for u in &self.upstreams {
-            for (state, n) in u.counts() {
-                self.metrics.set(
-                    "upstreamd_endpoints",
-                    &[("upstream", u.cfg.name.as_str()), ("state", state)],
-                    n as f64,
-                );
+            EndpointsCounted {
+                upstream: &u.cfg.name,
+                counts: u.counts(),
             }
+            .emit(&self.metrics);
         }
     }
 }

@@ -9,6 +9,7 @@ use super::saved::{self, Saver};
 use super::state::{SavedSnapshot, UpstreamState};
 use super::Controller;
 use crate::config::{Config, NginxConfig, UpstreamConfig};
+use crate::events::{Event, UpstreamRemoved, UpstreamStarted};
 use crate::nginx::Nginx;
 use crate::render::Renderer;
 use crate::sources::{self, SourceKey};
@@ -24,19 +25,13 @@ impl<N: Nginx> Controller<N> {
                 label: label.clone(),
                 generation: self.generation,
             };
-            self.metrics.set(
-                "upstreamd_source_up",
-                &[("upstream", cfg.name.as_str()), ("source", label)],
-                0.0,
-            );
             sources::spawn(key, scfg, self.source_tx.clone(), token.clone());
         }
-        self.metrics.set(
-            "upstreamd_shrink_held",
-            &[("upstream", cfg.name.as_str())],
-            0.0,
-        );
-        self.metrics.declare_upstream(cfg.name.as_str(), &labels);
+        UpstreamStarted {
+            upstream: &cfg.name,
+            sources: &labels,
+        }
+        .emit(&self.metrics);
         let mut state = UpstreamState::new(cfg, labels);
         state.generation = self.generation;
         state.on_disk = self.on_disk_servers(&state.cfg.name);
@@ -185,15 +180,10 @@ impl<N: Nginx> Controller<N> {
         for (gone, token) in old {
             token.cancel();
             self.prober.remove_upstream(&gone.cfg.name);
-            for family in [
-                "upstreamd_endpoints",
-                "upstreamd_source_up",
-                "upstreamd_shrink_held",
-                "upstreamd_registry_entries_skipped",
-            ] {
-                self.metrics
-                    .forget(family, ("upstream", gone.cfg.name.as_str()));
+            UpstreamRemoved {
+                upstream: &gone.cfg.name,
             }
+            .emit(&self.metrics);
         }
         self.schedule
             .set_pacing(cfg.nginx.settle, cfg.nginx.min_reload_interval);

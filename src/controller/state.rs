@@ -521,7 +521,7 @@ impl UpstreamState {
 
     /// Endpoint counts by state for `upstreamd_endpoints`: healthy, unhealthy (our probe or
     /// the registry says so), unknown (not probed yet).
-    pub fn counts(&self) -> [(&'static str, usize); 3] {
+    pub fn counts(&self) -> [(Health, usize); 3] {
         let mut c = [0usize; 3];
         for (a, e) in &self.endpoints {
             let registry_down = e.attrs.down || matches!(e.registry, RegistryState::Critical(_));
@@ -537,7 +537,11 @@ impl UpstreamState {
             };
             c[i] += 1;
         }
-        [("healthy", c[0]), ("unhealthy", c[1]), ("unknown", c[2])]
+        [
+            (Health::Up, c[0]),
+            (Health::Down, c[1]),
+            (Health::Unknown, c[2]),
+        ]
     }
 }
 

@@ -16,6 +16,7 @@ use super::schedule::{RETRY_FIRST, RETRY_JITTER};
 use super::status::{ControllerHandle, StatusReport};
 use super::{Controller, ControllerError, Mode, Outcome};
 use crate::config::Config;
+use crate::metrics::labels::{RenderLabels, RenderResult};
 use crate::metrics::Metrics;
 use crate::nginx::{Nginx, NginxError, ReloadProof};
 use crate::render::Renderer;
@@ -245,11 +246,8 @@ async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
         .as_deref()
         .unwrap()
         .contains("site config is broken"));
-    assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 1.0);
-    assert_eq!(
-        l.metrics.value("upstreamd_apply_failures_consecutive", &[]),
-        1.0
-    );
+    assert_eq!(l.metrics.apply_pending.get(), 1);
+    assert_eq!(l.metrics.apply_failures.get(), 1);
 
     let tests = l.wait_calls("test", 4).await;
     let reload = l.wait_calls("reload", 1).await[0];
@@ -268,11 +266,8 @@ async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
     let st = l.status().await;
     assert_eq!((st.apply.state, st.apply.on_disk), ("in_sync", "desired"));
     assert!(!st.change_pending && st.ready);
-    assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 0.0);
-    assert_eq!(
-        l.metrics.value("upstreamd_apply_failures_consecutive", &[]),
-        0.0
-    );
+    assert_eq!(l.metrics.apply_pending.get(), 0);
+    assert_eq!(l.metrics.apply_failures.get(), 0);
     assert!(l.file().contains("server 127.0.0.2:80;"));
 }
 
@@ -348,10 +343,14 @@ async fn a_render_error_keeps_the_daemon_running_and_the_last_good_file() {
     assert_eq!(l.file(), good);
     assert_eq!(
         l.metrics
-            .value("upstreamd_renders_total", &[("result", "error")]),
-        1.0
+            .renders
+            .get_or_create(&RenderLabels {
+                result: RenderResult::Error
+            })
+            .get(),
+        1
     );
-    assert_eq!(l.metrics.value("upstreamd_apply_pending", &[]), 1.0);
+    assert_eq!(l.metrics.apply_pending.get(), 1);
 
     // The loop lives: the next change that renders is applied.
     l.set_servers(&["127.0.0.3:80", "127.0.0.4:80"]).await;

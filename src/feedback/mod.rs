@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{ErrorLogLineRead, ErrorLogLinesTooLong, Event};
 use crate::health::ProbeTrigger;
 use crate::metrics::Metrics;
 use parse::{parse_line, Target, MAX_LINE};
@@ -124,9 +125,11 @@ async fn run(
 
 /// Pokes the trigger for every upstream failure in `polled`, and counts the lines.
 fn act(polled: &Polled, trigger: &ProbeTrigger, metrics: &Metrics) {
-    const METRIC: &str = "upstreamd_error_log_lines_total";
     if polled.too_long > 0 {
-        metrics.add(METRIC, &[("result", "too_long")], polled.too_long as f64);
+        ErrorLogLinesTooLong {
+            count: polled.too_long,
+        }
+        .emit(metrics);
     }
     for line in &polled.lines {
         let Some(signal) = parse_line(line) else {
@@ -136,9 +139,10 @@ fn act(polled: &Polled, trigger: &ProbeTrigger, metrics: &Metrics) {
             Target::Endpoint(address) => trigger.endpoint(address),
             Target::Upstream(name) => trigger.upstream(name),
         };
-        let result = if poked > 0 { "probe" } else { "not_ours" };
-        metrics.inc(METRIC, &[("result", result)]);
-        tracing::debug!(failure = ?signal.failure, target = ?signal.target, poked,
-            "nginx reported an upstream failure.");
+        ErrorLogLineRead {
+            signal: &signal,
+            poked,
+        }
+        .emit(metrics);
     }
 }

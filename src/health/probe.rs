@@ -50,12 +50,7 @@ impl ProbeOutcome {
     /// The `result` label of `upstreamd_probes_total`: `ok`, `bad_status` (also a body
     /// mismatch), `timeout` or `error`.
     pub fn label(&self) -> &'static str {
-        match self {
-            ProbeOutcome::Ok => "ok",
-            ProbeOutcome::BadStatus(_) | ProbeOutcome::BodyMismatch => "bad_status",
-            ProbeOutcome::Timeout => "timeout",
-            ProbeOutcome::Error(_) => "error",
-        }
+        crate::metrics::labels::ProbeResult::from(self).as_str()
     }
 }
 

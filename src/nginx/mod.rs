@@ -135,19 +135,7 @@ impl ApplyError {
     /// The `result` label of `upstreamd_reloads_total`: `write_failed`, `test_failed`,
     /// `signal_failed` or `unconfirmed`.
     pub fn result_label(&self) -> &'static str {
-        match self {
-            ApplyError::Write { .. } => "write_failed",
-            ApplyError::Failed {
-                step: Step::Test, ..
-            } => "test_failed",
-            ApplyError::Failed {
-                error: NginxError::Unconfirmed { .. },
-                ..
-            } => "unconfirmed",
-            ApplyError::Failed {
-                step: Step::Reload, ..
-            } => "signal_failed",
-        }
+        crate::metrics::labels::ReloadResult::from(self).as_str()
     }
 
     /// The underlying failure.

@@ -1,0 +1,26 @@
+//! Named events: each thing that happens is one struct whose [`Event::emit`] writes its log
+//! line and bumps its metrics together, so the two never drift (vector's internal events).
+//!
+//! Call sites build an event and emit it; nothing else writes to [`Metrics`]. Adding a metric:
+//! register its family in [`crate::metrics`] (a label-set type in `metrics::labels`), then write
+//! it from the event that reports what happened.
+
+mod apply;
+mod health;
+mod service;
+mod source;
+
+pub use apply::{ApplyFailed, ApplyProgress, FileWritten, Reloaded, RenderFailed, Rendered};
+pub use health::{EndpointsCounted, HealthChanged, ProbeFinished};
+pub use service::{AdminConnectionRefused, ErrorLogLineRead, ErrorLogLinesTooLong};
+pub use source::{
+    ShrinkHoldMeasured, SourceAnswered, SourceFailed, UpstreamRemoved, UpstreamStarted,
+};
+
+use crate::metrics::Metrics;
+
+/// Something that happened, reported once: its log line (if any) and its metrics.
+pub trait Event {
+    /// Writes the log line and updates the metrics.
+    fn emit(&self, metrics: &Metrics);
+}
