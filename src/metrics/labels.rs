@@ -2,6 +2,29 @@
 //!
 //! A family takes one label-set type, so a misspelled label or value does not compile. Label
 //! values are bounded: upstream and source names, states and results — never an address.
+//!
+//! ```
+//! use upstreamd::metrics::labels::{ProbeLabels, ProbeResult};
+//! use upstreamd::model::UpstreamName;
+//! let upstream = UpstreamName::new("kotaemon").unwrap();
+//! let labels = ProbeLabels { upstream, result: ProbeResult::Timeout };
+//! ```
+//!
+//! A value outside the set, or a misspelt label, does not compile:
+//!
+//! ```compile_fail,E0308
+//! use upstreamd::metrics::labels::{ProbeLabels, ProbeResult};
+//! use upstreamd::model::UpstreamName;
+//! let upstream = UpstreamName::new("kotaemon").unwrap();
+//! let labels = ProbeLabels { upstream, result: "timeout" };
+//! ```
+//!
+//! ```compile_fail,E0560
+//! use upstreamd::metrics::labels::{ProbeLabels, ProbeResult};
+//! use upstreamd::model::UpstreamName;
+//! let upstream = UpstreamName::new("kotaemon").unwrap();
+//! let labels = ProbeLabels { upstream, reslut: ProbeResult::Timeout };
+//! ```
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 
