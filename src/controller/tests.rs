@@ -401,3 +401,24 @@ async fn once_gives_up_at_its_deadline_naming_the_source_it_waited_for() {
     }
     assert!(took <= deadline + Duration::from_secs(1), "waited {took:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_removed_by_a_config_reload_leaves_no_series_behind() {
+    let l = Loop::start(
+        &["127.0.0.2:80"],
+        "settle = \"10ms\"\nmin_reload_interval = \"10ms\"",
+        0,
+    );
+    l.wait_calls("reload", 1).await;
+    let before = l.metrics.render();
+    assert!(before.contains("upstreamd_probe_duration_seconds_count{upstream=\"k\"} 0\n"));
+    assert!(before.contains("upstreamd_source_updates_total{upstream=\"k\",source=\"static\"} 1\n"));
+
+    let mut renamed = config(l.dir.path(), &["127.0.0.2:80"], &l.extra);
+    renamed.upstreams[0].name = crate::model::UpstreamName::new("j").unwrap();
+    l.reloads.send(renamed).await.unwrap();
+    l.wait_calls("reload", 2).await;
+    let after = l.metrics.render();
+    assert!(!after.contains("upstream=\"k\""), "{after}");
+    assert!(after.contains("upstreamd_source_up{upstream=\"j\",source=\"static\"} 1\n"));
+}
