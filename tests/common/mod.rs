@@ -222,6 +222,8 @@ impl Nginx {
             confirm_timeout: Duration::from_secs(2),
             state_dir: None,
             error_log: None,
+            apply: upstreamd::config::ApplyMode::Reload,
+            lua: upstreamd::config::LuaConfig::defaults(&self.output(), None),
         }
     }
 
