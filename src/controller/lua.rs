@@ -118,6 +118,11 @@ impl LuaState {
     ) -> Result<(Applied, Pushed), LuaApplyError> {
         self.pusher.prepare(membership).await?;
         let applied = nginx::apply(output, shell.as_bytes(), nginx).await?;
+        if let Applied::Reloaded { .. } = applied {
+            // The new workers read the snapshot's generation: a push of the same one would be
+            // refused as stale, so it goes out under the next.
+            self.pusher.prepare(membership).await?;
+        }
         let pushed = self.pusher.push(membership, nginx, metrics).await?;
         Ok((applied, pushed))
     }

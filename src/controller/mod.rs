@@ -10,6 +10,8 @@ mod apply;
 pub mod changes;
 mod events;
 pub mod lua;
+#[cfg(test)]
+mod lua_tests;
 mod reconfigure;
 pub mod saved;
 pub mod schedule;

@@ -6,6 +6,8 @@
 //! the workers read `snapshot.json`. The contract with the Lua side is issue 13's.
 
 mod client;
+#[cfg(test)]
+pub(crate) mod fake;
 mod files;
 mod payload;
 mod push;
