@@ -161,12 +161,12 @@ fn check_nginx_path(p: &Path) -> Result<(), String> {
         ));
     }
     if let Some(c) = text.chars().find(|c| {
-        matches!(c, '"' | '\'' | ';' | '{' | '}' | '$' | '\\')
+        matches!(c, '"' | '\'' | ';' | '{' | '}' | '$' | '\\' | '[' | ']')
             || c.is_whitespace()
             || c.is_control()
     }) {
         return Err(format!(
-            "{text:?} contains {c:?}: paths written into nginx's config may not contain quotes, `;`, braces, `$`, backslashes, whitespace or control characters"
+            "{text:?} contains {c:?}: paths written into nginx's config may not contain quotes, `;`, braces, brackets, `$`, backslashes, whitespace or control characters"
         ));
     }
     Ok(())
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn paths_that_would_break_an_nginx_string_are_refused() {
-        for bad in ["/a\"b", "/a;b", "/a{b", "/a$b", "/a\nb", "/a\\b"] {
+        for bad in ["/a\"b", "/a;b", "/a{b", "/a$b", "/a\nb", "/a\\b", "/a]==]b"] {
             assert!(check_nginx_path(Path::new(bad)).is_err(), "{bad:?}");
         }
         assert!(check_nginx_path(Path::new("/var/lib/upstreamd/lua.secret")).is_ok());

@@ -10,7 +10,13 @@ use crate::nginx::{read_current, write_atomic, NginxError};
 
 /// The Lua modules, as `lua/upstreamd/<name>` in the repository, written to
 /// `<lua_dir>/upstreamd/<name>` (nginx finds them through `lua_package_path`).
-pub const LUA_FILES: &[(&str, &str)] = &[];
+pub const LUA_FILES: &[(&str, &str)] = &[
+    ("json.lua", include_str!("../../../lua/upstreamd/json.lua")),
+    ("validate.lua", include_str!("../../../lua/upstreamd/validate.lua")),
+    ("chash.lua", include_str!("../../../lua/upstreamd/chash.lua")),
+    ("peers.lua", include_str!("../../../lua/upstreamd/peers.lua")),
+    ("balancer.lua", include_str!("../../../lua/upstreamd/balancer.lua")),
+];
 
 /// The name of the last-known membership in `lua_dir`.
 pub const SNAPSHOT: &str = "snapshot.json";
@@ -105,6 +111,7 @@ mod tests {
             "{\"generation\":2}"
         );
         write_lua_files(&lua).unwrap();
-        assert!(lua.join("upstreamd").is_dir());
+        let balancer = std::fs::read_to_string(lua.join("upstreamd/balancer.lua")).unwrap();
+        assert!(balancer.contains("function M.balance("));
     }
 }
