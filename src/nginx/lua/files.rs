@@ -12,10 +12,22 @@ use crate::nginx::{read_current, write_atomic, NginxError};
 /// `<lua_dir>/upstreamd/<name>` (nginx finds them through `lua_package_path`).
 pub const LUA_FILES: &[(&str, &str)] = &[
     ("json.lua", include_str!("../../../lua/upstreamd/json.lua")),
-    ("validate.lua", include_str!("../../../lua/upstreamd/validate.lua")),
-    ("chash.lua", include_str!("../../../lua/upstreamd/chash.lua")),
-    ("peers.lua", include_str!("../../../lua/upstreamd/peers.lua")),
-    ("balancer.lua", include_str!("../../../lua/upstreamd/balancer.lua")),
+    (
+        "validate.lua",
+        include_str!("../../../lua/upstreamd/validate.lua"),
+    ),
+    (
+        "chash.lua",
+        include_str!("../../../lua/upstreamd/chash.lua"),
+    ),
+    (
+        "peers.lua",
+        include_str!("../../../lua/upstreamd/peers.lua"),
+    ),
+    (
+        "balancer.lua",
+        include_str!("../../../lua/upstreamd/balancer.lua"),
+    ),
 ];
 
 /// The name of the last-known membership in `lua_dir`.

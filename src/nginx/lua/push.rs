@@ -182,7 +182,9 @@ impl LuaPusher {
     }
 
     /// Reads `/upstreamd/status` until every current worker of the master holds `generation`,
-    /// for at most [`CONFIRM_TIMEOUT`]. A refusal (wrong secret) ends it at once.
+    /// for at most [`CONFIRM_TIMEOUT`]. A refusal is retried too (right after a reload, an old
+    /// worker with the previous secret may still answer), and is the error if it was the last
+    /// answer.
     async fn confirm(&self, generation: u64) -> Result<LuaStatus, PushError> {
         let deadline = Instant::now() + CONFIRM_TIMEOUT;
         loop {
@@ -191,7 +193,7 @@ impl LuaPusher {
                     Ok(()) => return Ok(status),
                     Err(detail) => detail,
                 },
-                Err(e @ PushError::Rejected { .. }) => return Err(e),
+                Err(e @ PushError::Rejected { .. }) if Instant::now() >= deadline => return Err(e),
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
