@@ -71,8 +71,9 @@ impl Lua {
         let servers: String = backends
             .iter()
             .map(|(n, a)| {
+                // The connection's request count first: keepalive shows as counts above 1.
                 format!(
-                    "server {{ listen {a}; location / {{ return 200 \"backend {n}\\n\"; }} }}\n  "
+                    "server {{ listen {a}; location / {{ return 200 \"$connection_requests backend {n}\\n\"; }} }}\n  "
                 )
             })
             .collect();
@@ -622,4 +623,118 @@ fn sticky_keeps_a_client_on_its_replica_and_moves_it_when_the_replica_leaves() {
     assert!(rest.contains(&moved.as_str()), "{moved}");
     assert_eq!(renamed, Some(id(&moved)));
     assert_eq!(get(Some(&id(&moved))), (moved, None));
+}
+
+#[test]
+fn keepalive_connections_to_the_backends_are_reused() {
+    let lua = round_robin(&["a"], 1);
+    let _report = report_on_failure(&lua.nginx);
+    assert_eq!(
+        lua.push(&body(1, "app", "round_robin", servers(&[lua.addr("a")])))
+            .0,
+        200
+    );
+    let counts: Vec<u64> = (0..6)
+        .map(|_| match lua.nginx.get("/") {
+            Some((200, text)) => text.split_whitespace().next().unwrap().parse().unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        counts.iter().any(|&n| n > 1),
+        "requests share upstream connections: {counts:?}"
+    );
+}
+
+/// Sends `path` with `X-Real-IP: ip` (both nginxes take the client address from it).
+fn served_for(port: u16, path: &str, ip: &str) -> String {
+    let header = format!("X-Real-IP: {ip}");
+    match http_exchange(
+        &format!("127.0.0.1:{port}"),
+        "GET",
+        path,
+        &[&header],
+        "",
+        Duration::from_secs(5),
+    ) {
+        Some((200, _, text)) => text.split_whitespace().last().unwrap().to_owned(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ip_hash_sends_each_client_where_nginx_ip_hash_does() {
+    let realip = "set_real_ip_from 127.0.0.1; real_ip_header X-Real-IP;";
+    let lua = Lua::start(
+        &[shell("ip", "ip_hash", "")],
+        &["a", "b", "c", "d"],
+        1,
+        &format!("{realip} location / {{ proxy_pass http://ip; }}"),
+        None,
+    );
+    let _report = report_on_failure(&lua.nginx);
+    let list = json!([
+        {"address": lua.addr("a"), "weight": 2},
+        {"address": lua.addr("b"), "weight": 1, "down": true},
+        {"address": lua.addr("c"), "weight": 1},
+        {"address": lua.addr("d"), "weight": 3},
+    ]);
+    assert_eq!(lua.push(&body(1, "ip", "ip_hash", list)).0, 200);
+    let reload_mode = format!(
+        "upstream ip {{\n  ip_hash;\n  server {} weight=2;\n  server {} down;\n  \
+         server {} weight=1;\n  server {} weight=3;\n}}\n",
+        lua.addr("a"),
+        lua.addr("b"),
+        lua.addr("c"),
+        lua.addr("d"),
+    );
+    let nginx = Nginx::start_site(&reload_mode, &|port| {
+        format!(
+            "server {{ listen 127.0.0.1:{port}; {realip} location / {{ proxy_pass http://ip; }} }}"
+        )
+    });
+    let mut used = BTreeSet::new();
+    for i in 0..100u32 {
+        // Addresses that differ in the first three octets (ip_hash ignores the fourth), and
+        // some IPv6 ones.
+        let ip = if i % 4 == 3 {
+            format!("2001:db8:{i:x}::{i:x}")
+        } else {
+            format!("10.{}.{}.7", i / 7, i * 37 % 256)
+        };
+        let want = served_for(nginx.port, "/", &ip);
+        assert_eq!(served_for(lua.nginx.port, "/", &ip), want, "{ip}");
+        used.insert(want);
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "every server that is up takes clients: {used:?}"
+    );
+}
+
+#[test]
+fn least_conn_and_random_serve_only_usable_servers() {
+    let lua = Lua::start(
+        &[shell("lc", "least_conn", ""), shell("rnd", "random", "")],
+        &["a", "b", "c"],
+        1,
+        "location /lc { proxy_pass http://lc; } location /rnd { proxy_pass http://rnd; }",
+        None,
+    );
+    let _report = report_on_failure(&lua.nginx);
+    let list = json!([
+        {"address": lua.addr("a")},
+        {"address": lua.addr("b"), "down": true},
+        {"address": lua.addr("c")},
+    ]);
+    let update = json!({"generation": 1, "upstreams": {
+        "lc": {"balance": "least_conn", "servers": list},
+        "rnd": {"balance": "random", "servers": list},
+    }});
+    assert_eq!(lua.push(&update).0, 200);
+    for path in ["/lc", "/rnd"] {
+        let seen: BTreeSet<String> = (0..20).map(|_| lua.served(path)).collect();
+        assert_eq!(seen, BTreeSet::from(["a".into(), "c".into()]), "{path}");
+    }
 }
