@@ -225,7 +225,11 @@ fn round_robin(names: &[&str], workers: u32) -> Lua {
 fn pushes_move_traffic_between_workers_without_a_reload() {
     let lua = round_robin(&["a", "b", "c"], 2);
     let _report = report_on_failure(&lua.nginx);
-    let workers = lua.nginx.wait_for_workers();
+    let mut workers = BTreeSet::new();
+    wait_for("both workers", Duration::from_secs(5), || {
+        workers = lua.nginx.wait_for_workers();
+        workers.len() == 2
+    });
     assert_eq!(lua.status()["source"], "none");
     assert_eq!(
         lua.nginx.spread(4),
