@@ -235,6 +235,10 @@ fn pushes_move_traffic_between_workers_without_a_reload() {
         lua.nginx.spread(4),
         BTreeMap::from([("status 502".into(), 4)])
     );
+    assert!(lua
+        .nginx
+        .error_log()
+        .contains("no usable server in upstream app (no list yet)"));
 
     let (code, reply) = lua.push(&body(1, "app", "round_robin", servers(&[lua.addr("a")])));
     assert_eq!((code, reply), (200, json!({"generation": 1})));
@@ -512,7 +516,23 @@ fn retries_reach_the_next_peer_when_one_refuses_connections() {
     ]);
     assert_eq!(lua.push(&body(1, "app", "round_robin", list)).0, 200);
     assert_eq!(lua.nginx.spread(12), BTreeMap::from([("a".into(), 12)]));
-    assert!(lua.nginx.error_log().contains("Connection refused"));
+    let refused = || lua.nginx.error_log().matches("Connection refused").count();
+    assert!(refused() >= 12, "both refusing peers were tried");
+
+    // max_fails = 1 (nginx's default): one refusal takes a peer out for fail_timeout.
+    let dead3 = format!("127.0.0.1:{}", free_port());
+    let list = json!([
+        {"address": dead3, "max_fails": 1, "fail_timeout": 60},
+        {"address": lua.addr("a")},
+    ]);
+    assert_eq!(lua.push(&body(2, "app", "round_robin", list)).0, 200);
+    let before = refused();
+    assert_eq!(lua.nginx.spread(12), BTreeMap::from([("a".into(), 12)]));
+    assert_eq!(refused() - before, 1, "tried once, then skipped");
+    assert!(lua
+        .nginx
+        .error_log()
+        .contains("upstream server temporarily disabled"));
 }
 
 #[test]
