@@ -142,7 +142,8 @@ local function refresh()
         end
     end
     local now = ngx.now()
-    if held ~= 0 and (now - reported >= 1 or d:get("w:" .. ngx.worker.pid()) ~= held) then
+    -- Recorded even at 0 (no list yet), so that the status lists every live worker.
+    if now - reported >= 1 or d:get("w:" .. ngx.worker.pid()) ~= held then
         d:set("w:" .. ngx.worker.pid(), held, M.WORKER_TTL)
         reported = now
     end
@@ -163,6 +164,8 @@ function M.init_worker()
     if process.type() ~= "worker" then
         return
     end
+    -- Workers fork from one master: without this, `random` would pick alike in all of them.
+    math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
     tick(false)
     local ok, err = ngx.timer.every(M.REFRESH, tick)
     if not ok then
