@@ -5,8 +5,10 @@
 --
 -- Entry points, each called from one directive of the include upstreamd renders
 -- (templates/upstream-lua.conf.j2):
---   init(conf)          init_by_lua: reads the secret and snapshot.json; `nginx -t` fails on
---                       a missing secret or an invalid snapshot (a missing snapshot is fine)
+--   init(conf)          init_by_lua: reads the secret and snapshot.json. A missing secret or
+--                       an invalid snapshot fails nginx's start and makes it refuse a reload
+--                       (the error is in error.log); a missing snapshot is fine. `nginx -t`
+--                       does not run init_by_lua (lua-nginx-module skips it since 0.10.14).
 --   init_worker()       init_worker_by_lua: loads the list, then refreshes it every 50 ms
 --   balance(name)       balancer_by_lua in `upstream name`
 --   header_filter()     header_filter_by_lua (http level): the sticky cookie
