@@ -762,3 +762,42 @@ fn least_conn_and_random_serve_only_usable_servers() {
         assert_eq!(seen, BTreeSet::from(["a".into(), "c".into()]), "{path}");
     }
 }
+
+#[test]
+fn least_conn_avoids_the_replica_holding_a_stream_until_it_ends() {
+    let replicas = [Replica::start("r1"), Replica::start("r2")];
+    let lua = Lua::start(
+        &[shell("lc", "least_conn", "")],
+        &[],
+        1,
+        "location / { proxy_pass http://lc; proxy_buffering off; proxy_read_timeout 60s; }",
+        None,
+    );
+    let _report = report_on_failure(&lua.nginx);
+    let list = servers(&[&replicas[0].addr, &replicas[1].addr]);
+    assert_eq!(lua.push(&body(1, "lc", "least_conn", list)).0, 200);
+    assert_eq!(lua.nginx.spread(4).len(), 2, "both serve while idle");
+
+    // A never-ending heartbeat stream holds one replica's connection.
+    let stream = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", lua.nginx.port)).unwrap();
+        write!(s, "GET /heartbeat/abc HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut first = [0u8; 64];
+        let n = s.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        s
+    };
+    let busy = lua.nginx.spread(6);
+    assert_eq!(
+        busy.len(),
+        1,
+        "every request goes to the other replica: {busy:?}"
+    );
+
+    // The stream ends: its replica takes requests again.
+    drop(stream);
+    lua.nginx
+        .wait_spread(6, "both replicas to serve again", |seen| seen.len() == 2);
+}
