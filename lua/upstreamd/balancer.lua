@@ -10,6 +10,7 @@
 --                       (the error is in error.log); a missing snapshot is fine. `nginx -t`
 --                       does not run init_by_lua (lua-nginx-module skips it since 0.10.14).
 --   init_worker()       init_worker_by_lua: loads the list, then refreshes it every 50 ms
+--                       (and a request that finds a newer generation refreshes at once)
 --   balance(name)       balancer_by_lua in `upstream name`
 --   header_filter()     header_filter_by_lua (http level): the sticky cookie
 --   log()               log_by_lua (http level): least_conn's connection counts
@@ -218,6 +219,11 @@ function M.balance(name)
     local st = ctx.upstreamd
     local now = ngx.time()
     if st == nil then
+        -- A busy worker takes a new generation at its next request; the timer serves idle
+        -- workers and the status.
+        if dict():get("gen") ~= held then
+            refresh()
+        end
         st = { name = name, pool = pools[name], tried = {} }
         ctx.upstreamd = st
     elseif st.peer then
