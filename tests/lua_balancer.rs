@@ -250,3 +250,19 @@ fn a_restarted_nginx_serves_from_the_snapshot_and_a_reload_keeps_a_newer_push() 
     });
     assert_eq!(lua.nginx.spread(4), BTreeMap::from([("c".into(), 4)]));
 }
+
+#[test]
+fn a_request_right_after_a_push_is_served_from_the_new_list_by_any_worker() {
+    let lua = round_robin(&["a", "b"], 2);
+    let _report = report_on_failure(&lua.nginx);
+    for generation in 1..=20 {
+        let name = if generation % 2 == 0 { "a" } else { "b" };
+        let list = servers(&[lua.addr(name)]);
+        assert_eq!(
+            lua.push(&body(generation, "app", "round_robin", list)).0,
+            200
+        );
+        // No wait: whichever worker takes this request must already use the new list.
+        assert_eq!(lua.served("/"), name, "generation {generation}");
+    }
+}
