@@ -49,6 +49,7 @@ local secret
 -- Per worker.
 local pools = {} -- name -> pool (upstreamd.peers)
 local held = 0 -- the generation this worker's pools come from
+local seen = 0 -- the last generation this worker read from the dict, taken or not
 local reported = 0 -- when the worker last wrote its record (ngx.now())
 
 local function dict()
@@ -81,7 +82,8 @@ local function store(d, gen, source, text)
 end
 
 --- init_by_lua: `c` = {secret_file, lua_dir, upstreams = name -> {balance, cookie}}. Raises
---- (so that `nginx -t` fails) when the secret cannot be read or snapshot.json is invalid.
+--- (so that nginx refuses to start or reload) when the secret cannot be read or snapshot.json
+--- is invalid.
 function M.init(c)
     conf = c
     local text, err = read_file(c.secret_file)
@@ -131,11 +133,15 @@ end
 local function refresh()
     local d = dict()
     local gen = d:get("gen")
-    if gen and gen ~= held then
+    if gen and gen ~= seen then
+        -- Read once per generation: a worker of an older configuration, still draining after a
+        -- reload, cannot take a list made for the new one and must not retry it per request.
+        seen = gen
         local g, _, text = parse_state(d:get("state"))
         local v, err = validate.text(text, conf.upstreams)
         if not v then
-            log(ERR, "upstreamd: the shared dict holds an invalid list (", err, "); keeping generation ", held)
+            log(WARN, "upstreamd: generation ", gen, " does not fit this worker's configuration (", err,
+                "); keeping generation ", held)
         else
             local fresh = {}
             for name, u in pairs(v.upstreams) do
@@ -221,7 +227,7 @@ function M.balance(name)
     if st == nil then
         -- A busy worker takes a new generation at its next request; the timer serves idle
         -- workers and the status.
-        if dict():get("gen") ~= held then
+        if dict():get("gen") ~= seen then
             refresh()
         end
         st = { name = name, pool = pools[name], tried = {} }
