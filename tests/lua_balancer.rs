@@ -266,3 +266,58 @@ fn a_request_right_after_a_push_is_served_from_the_new_list_by_any_worker() {
         assert_eq!(lua.served("/"), name, "generation {generation}");
     }
 }
+
+#[test]
+fn a_new_upstream_needs_a_snapshot_that_names_it_before_nginx_takes_the_include() {
+    let site = "location / { proxy_pass http://app; } \
+                location /two { set $two app2; proxy_pass http://$two; }";
+    let lua = Lua::start(
+        &[shell("app", "round_robin", "")],
+        &["a", "b"],
+        1,
+        site,
+        None,
+    );
+    let _report = report_on_failure(&lua.nginx);
+    let one = body(1, "app", "round_robin", servers(&[lua.addr("a")]));
+    std::fs::write(lua.lua_dir().join("snapshot.json"), one.to_string()).unwrap();
+    assert_eq!(lua.push(&one).0, 200);
+    let workers = lua.nginx.wait_for_workers();
+
+    // The include gains `app2` while snapshot.json still describes `app` alone: refused.
+    let shells = [
+        shell("app", "round_robin", ""),
+        shell("app2", "round_robin", ""),
+    ];
+    lua.reshell(&shells);
+    nix::sys::signal::kill(lua.nginx.master(), nix::sys::signal::SIGHUP).unwrap();
+    wait_for("the refusal in the log", Duration::from_secs(5), || {
+        lua.nginx.error_log().contains("\"app2\" is missing")
+    });
+    assert_eq!(
+        lua.nginx.wait_for_workers(),
+        workers,
+        "the old workers stay"
+    );
+    assert_eq!(lua.served("/"), "a");
+
+    // With a snapshot for the new include, the reload takes and both upstreams serve from it.
+    let two = json!({"generation": 2, "upstreams": {
+        "app": {"balance": "round_robin", "servers": servers(&[lua.addr("a")])},
+        "app2": {"balance": "round_robin", "servers": servers(&[lua.addr("b")])},
+    }});
+    std::fs::write(lua.lua_dir().join("snapshot.json"), two.to_string()).unwrap();
+    nix::sys::signal::kill(lua.nginx.master(), nix::sys::signal::SIGHUP).unwrap();
+    wait_for("new workers", Duration::from_secs(5), || {
+        lua.nginx.wait_for_workers().is_disjoint(&workers)
+    });
+    let status = lua.status();
+    assert_eq!(
+        (&status["source"], &status["generation"]),
+        (&json!("snapshot"), &json!(2))
+    );
+    assert_eq!(
+        (lua.served("/"), lua.served("/two")),
+        ("a".into(), "b".into())
+    );
+}

@@ -61,11 +61,7 @@ impl Lua {
             std::fs::write(lua_dir.join("snapshot.json"), s.to_string()).unwrap();
         }
         let update = format!("127.0.0.1:{}", free_port());
-        let include = render(
-            shells,
-            &json!({"listen": update, "secret_file": secret_file, "lua_dir": lua_dir,
-                    "dict_size": "4m"}),
-        );
+        let include = render(shells, &settings(files.path(), &update));
         let backends: BTreeMap<String, String> = names
             .iter()
             .map(|n| (n.to_string(), format!("127.0.0.1:{}", free_port())))
@@ -95,6 +91,13 @@ impl Lua {
         lua
     }
 
+    /// Renders the include again for `shells` (same settings) into nginx's include file.
+    pub fn reshell(&self, shells: &[Value]) {
+        let text = render(shells, &settings(self.files.path(), &self.update));
+        std::fs::write(self.nginx.output(), text).unwrap();
+    }
+
+    /// `lua_dir`: the Lua modules and snapshot.json.
     pub fn lua_dir(&self) -> PathBuf {
         self.files.path().join("lua")
     }
@@ -174,6 +177,12 @@ impl Lua {
             None => "error".to_owned(),
         }
     }
+}
+
+/// The template's `lua` settings for files in `dir` and the update server on `listen`.
+fn settings(dir: &Path, listen: &str) -> Value {
+    json!({"listen": listen, "secret_file": dir.join("lua.secret"), "lua_dir": dir.join("lua"),
+           "dict_size": "4m"})
 }
 
 /// Renders templates/upstream-lua.conf.j2 as the daemon does (minijinja, trim and lstrip
