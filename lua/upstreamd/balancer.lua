@@ -5,9 +5,12 @@
 --
 -- Entry points, each called from one directive of the include upstreamd renders
 -- (templates/upstream-lua.conf.j2):
---   init(conf)          init_by_lua: reads the secret and snapshot.json; `nginx -t` fails on
---                       a missing secret or an invalid snapshot (a missing snapshot is fine)
+--   init(conf)          init_by_lua: reads the secret and snapshot.json. A missing secret or
+--                       an invalid snapshot fails nginx's start and makes it refuse a reload
+--                       (the error is in error.log); a missing snapshot is fine. `nginx -t`
+--                       does not run init_by_lua (lua-nginx-module skips it since 0.10.14).
 --   init_worker()       init_worker_by_lua: loads the list, then refreshes it every 50 ms
+--                       (and a request that finds a newer generation refreshes at once)
 --   balance(name)       balancer_by_lua in `upstream name`
 --   header_filter()     header_filter_by_lua (http level): the sticky cookie
 --   log()               log_by_lua (http level): least_conn's connection counts
@@ -46,6 +49,7 @@ local secret
 -- Per worker.
 local pools = {} -- name -> pool (upstreamd.peers)
 local held = 0 -- the generation this worker's pools come from
+local seen = 0 -- the last generation this worker read from the dict, taken or not
 local reported = 0 -- when the worker last wrote its record (ngx.now())
 
 local function dict()
@@ -78,7 +82,8 @@ local function store(d, gen, source, text)
 end
 
 --- init_by_lua: `c` = {secret_file, lua_dir, upstreams = name -> {balance, cookie}}. Raises
---- (so that `nginx -t` fails) when the secret cannot be read or snapshot.json is invalid.
+--- (so that nginx refuses to start or reload) when the secret cannot be read or snapshot.json
+--- is invalid.
 function M.init(c)
     conf = c
     local text, err = read_file(c.secret_file)
@@ -128,11 +133,15 @@ end
 local function refresh()
     local d = dict()
     local gen = d:get("gen")
-    if gen and gen ~= held then
+    if gen and gen ~= seen then
+        -- Read once per generation: a worker of an older configuration, still draining after a
+        -- reload, cannot take a list made for the new one and must not retry it per request.
+        seen = gen
         local g, _, text = parse_state(d:get("state"))
         local v, err = validate.text(text, conf.upstreams)
         if not v then
-            log(ERR, "upstreamd: the shared dict holds an invalid list (", err, "); keeping generation ", held)
+            log(WARN, "upstreamd: generation ", gen, " does not fit this worker's configuration (", err,
+                "); keeping generation ", held)
         else
             local fresh = {}
             for name, u in pairs(v.upstreams) do
@@ -142,7 +151,8 @@ local function refresh()
         end
     end
     local now = ngx.now()
-    if held ~= 0 and (now - reported >= 1 or d:get("w:" .. ngx.worker.pid()) ~= held) then
+    -- Recorded even at 0 (no list yet), so that the status lists every live worker.
+    if now - reported >= 1 or d:get("w:" .. ngx.worker.pid()) ~= held then
         d:set("w:" .. ngx.worker.pid(), held, M.WORKER_TTL)
         reported = now
     end
@@ -163,6 +173,8 @@ function M.init_worker()
     if process.type() ~= "worker" then
         return
     end
+    -- Workers fork from one master: without this, `random` would pick alike in all of them.
+    math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
     tick(false)
     local ok, err = ngx.timer.every(M.REFRESH, tick)
     if not ok then
@@ -213,6 +225,11 @@ function M.balance(name)
     local st = ctx.upstreamd
     local now = ngx.time()
     if st == nil then
+        -- A busy worker takes a new generation at its next request; the timer serves idle
+        -- workers and the status.
+        if dict():get("gen") ~= seen then
+            refresh()
+        end
         st = { name = name, pool = pools[name], tried = {} }
         ctx.upstreamd = st
     elseif st.peer then

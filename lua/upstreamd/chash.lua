@@ -9,56 +9,95 @@
 -- above it (ngx_http_upstream_find_chash_point), wrapping past the last; on a miss (tried,
 -- down, failed) the search moves to the next point.
 
+local bit = require "bit"
+
 local crc32 = ngx.crc32_long
-local char, floor, sort = string.char, math.floor, table.sort
-local sub = string.sub
+local band, bxor, rshift = bit.band, bit.bxor, bit.rshift
+local byte, floor, sort, sub = string.byte, math.floor, table.sort, string.sub
 
 local M = {}
 
-local function le32(v)
-    return char(v % 256, floor(v / 256) % 256, floor(v / 65536) % 256, floor(v / 16777216) % 256)
+-- A ring is rebuilt only when its servers or weights change (a `down` flip keeps it), but
+-- then it has 160 points per unit of weight: 160,000 for 1,000 servers. So the points are
+-- computed with an incremental crc32 in LuaJIT bit operations (no string per point), and
+-- sorted as plain numbers: value * 2^14 + the server's index.
+local SHIFT = 16384 -- above validate.MAX_SERVERS
+local TWO32 = 4294967296
+
+local TABLE = {}
+for i = 0, 255 do
+    local c = i
+    for _ = 1, 8 do
+        if band(c, 1) == 1 then
+            c = bxor(rshift(c, 1), 0xEDB88320)
+        else
+            c = rshift(c, 1)
+        end
+    end
+    TABLE[i] = c
 end
 
--- "HOST" "\0" "PORT": split at the last colon, as nginx does with the server's name.
+local function update(c, b)
+    return bxor(rshift(c, 8), TABLE[band(bxor(c, b), 0xFF)])
+end
+
+-- The running (not finalized) crc32 of "HOST" "\0" "PORT": nginx splits the server's name
+-- at its last colon.
 local function base(address)
     local i = #address
     while i > 0 and sub(address, i, i) ~= ":" do
         i = i - 1
     end
-    if i == 0 then
-        return address .. "\0"
+    local text = i == 0 and (address .. "\0") or (sub(address, 1, i - 1) .. "\0" .. sub(address, i + 1))
+    local c = -1 -- 0xFFFFFFFF
+    for j = 1, #text do
+        c = update(c, byte(text, j))
     end
-    return sub(address, 1, i - 1) .. "\0" .. sub(address, i + 1)
+    return c
+end
+
+--- The ring's signature: equal signatures, equal rings.
+function M.signature(peers)
+    local parts = {}
+    for i, p in ipairs(peers) do
+        parts[i] = p.address .. "=" .. p.weight
+    end
+    return table.concat(parts, " ")
 end
 
 --- Builds the ring of `peers` (each with `address` and `weight`, in the include's order):
---- {hash = sorted point values, peer = the peer of each point, n = number of points}.
+--- {hash = sorted point values, order = the index in `peers` of each point's server, n}.
 function M.build(peers)
-    local points, n = {}, 0
+    local keys, n = {}, 0
     for order, p in ipairs(peers) do
-        local prefix = base(p.address)
+        local start = base(p.address)
         local prev = 0
         for _ = 1, 160 * p.weight do
-            local h = crc32(prefix .. le32(prev))
+            local c = update(start, band(prev, 0xFF))
+            c = update(c, band(rshift(prev, 8), 0xFF))
+            c = update(c, band(rshift(prev, 16), 0xFF))
+            c = update(c, rshift(prev, 24))
+            local h = bxor(c, -1)
+            if h < 0 then
+                h = h + TWO32
+            end
             n = n + 1
-            points[n] = { h, order, p }
+            keys[n] = h * SHIFT + order
             prev = h
         end
     end
-    -- nginx's qsort is not stable; equal values are as rare as crc32 collisions, and keeping
-    -- the server listed first is as good a tie-break as any.
-    sort(points, function(a, b)
-        if a[1] ~= b[1] then
-            return a[1] < b[1]
-        end
-        return a[2] < b[2]
-    end)
-    local ring = { hash = {}, peer = {}, n = 0 }
+    -- Equal values are as rare as crc32 collisions; nginx keeps one of them (its qsort is not
+    -- stable), this keeps the server listed first.
+    sort(keys)
+    local ring = { hash = {}, order = {}, n = 0 }
+    local last
     for i = 1, n do
-        if i == 1 or points[i][1] ~= points[i - 1][1] then
+        local h = floor(keys[i] / SHIFT)
+        if h ~= last then
             ring.n = ring.n + 1
-            ring.hash[ring.n] = points[i][1]
-            ring.peer[ring.n] = points[i][3]
+            ring.hash[ring.n] = h
+            ring.order[ring.n] = keys[i] - h * SHIFT
+            last = h
         end
     end
     return ring
@@ -84,9 +123,9 @@ function M.find(ring, key)
     return i
 end
 
---- The peer at 0-based point `index` (taken modulo the ring's size).
-function M.peer_at(ring, index)
-    return ring.peer[index % ring.n + 1]
+--- The server of 0-based point `index` (taken modulo the ring's size) among `peers`.
+function M.peer_at(ring, peers, index)
+    return peers[ring.order[index % ring.n + 1]]
 end
 
 

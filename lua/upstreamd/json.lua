@@ -221,6 +221,9 @@ end
 
 local function quote(str)
     return '"' .. gsub(str, '[%z\1-\31"\\\127]', function(c)
+        if c == '"' or c == "\\" then
+            return "\\" .. c
+        end
         return format("\\u%04x", byte(c))
     end) .. '"'
 end

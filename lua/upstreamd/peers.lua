@@ -51,7 +51,12 @@ function M.build(u, old)
         end
     end
     if u.balance == "hash" or u.balance == "sticky" then
-        pool.ring = chash.build(pool.primary)
+        pool.signature = chash.signature(pool.primary)
+        if old and old.signature == pool.signature then
+            pool.ring = old.ring
+        else
+            pool.ring = chash.build(pool.primary)
+        end
     end
     return pool
 end
@@ -153,7 +158,7 @@ function M.chash(pool, state, key, now)
         return M.round_robin(pool, state.tried, now)
     end
     while true do
-        local p = chash.peer_at(ring, state.point)
+        local p = chash.peer_at(ring, pool.primary, state.point)
         if not state.tried[p.address] and M.usable(p, now) then
             -- One server per name: nginx's weighted pick among equal names is this one.
             return M.take(p, state.tried, now)

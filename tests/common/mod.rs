@@ -5,6 +5,7 @@
 pub mod consul;
 pub mod docker;
 pub mod etcd;
+pub mod lua;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};
