@@ -63,38 +63,21 @@ fn setup(nginx: &Nginx) -> Setup {
     }
 }
 
-/// nginx's own `/upstreamd/status`, with the secret on disk.
-fn nginx_status(s: &Setup) -> serde_json::Value {
+/// nginx's own `/upstreamd/status`, with the secret on disk: (status code, JSON or text).
+fn nginx_status(s: &Setup) -> (u16, serde_json::Value) {
     let secret = std::fs::read_to_string(s.lua_dir.join("lua.secret")).unwrap();
-    let (code, body) = http_exchange_status(s, secret.trim());
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn http_exchange_status(s: &Setup, secret: &str) -> (u16, String) {
-    let request = format!(
-        "GET /upstreamd/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n\r\n"
-    );
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.lua_port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
-    let mut reply = String::new();
-    // The server closes the connection: read to the end.
-    let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
-    let code = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    // nginx answers chunked when the Lua side gives no length: keep the JSON object only.
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) => body[a..=b].to_owned(),
-        _ => body.to_owned(),
-    };
-    (code, body)
+    let auth = format!("Authorization: Bearer {}", secret.trim());
+    let (code, _, text) = http_exchange(
+        &format!("127.0.0.1:{}", s.lua_port),
+        "GET",
+        "/upstreamd/status",
+        &[&auth],
+        "",
+        Duration::from_secs(5),
+    )
+    .expect("the status location answers");
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (code, value)
 }
 
 /// The confirmed generation in upstreamd's `/status`, when there is one.
@@ -192,7 +175,8 @@ fn membership_changes_reach_traffic_with_zero_reloads_and_a_restarted_nginx_gets
     wait_for("a push to the new master", SHORT, || {
         confirmed(&s.admin).is_some_and(|(g, m)| m == new_master && g > before)
     });
-    let status = nginx_status(&s);
+    let (code, status) = nginx_status(&s);
+    assert_eq!(code, 200, "{status}");
     assert_eq!(status["source"], "push", "{status}");
     assert_eq!(
         status["generation"].as_u64(),
@@ -238,6 +222,6 @@ fn a_secret_changed_behind_nginx_is_refused_until_the_fallback_reload() {
     // After the reload nginx reads the new secret: traffic follows, pushes work again.
     nginx.wait_spread(20, "only alpha to serve", exactly(&["alpha"]));
     wait_for("a confirmed push again", SHORT, || {
-        confirmed(&s.admin).is_some() && nginx_status(&s)["source"] == "push"
+        confirmed(&s.admin).is_some() && nginx_status(&s).1["source"] == "push"
     });
 }
