@@ -12,7 +12,8 @@
 //! - [`decide`]: membership from registry state and probe verdicts (pure).
 //! - [`affinity`]: the opaque replica ids of `balance = "sticky"` cookies (pure).
 //! - [`render`]: the include file's bytes from the decided upstreams (pure).
-//! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback.
+//! - [`nginx`]: atomic write, `nginx -t`, pid checks, SIGHUP, confirmation, rollback; and
+//!   (`nginx::lua`) the pushes of `apply = "lua"` to nginx's Lua balancer.
 //! - [`feedback`]: nginx's error log followed; upstream failures it reports bring probes
 //!   forward.
 //! - [`controller`]: the one reconcile loop tying it together, and its status report.

@@ -188,6 +188,26 @@ fn apply_line(a: &ApplyState) -> String {
     format!("<p class=\"{class}\" id=\"apply\">{}</p>", esc(&what))
 }
 
+/// `apply = "lua"`: the generation nginx confirmed and the last push error.
+fn lua_line(l: &crate::controller::lua::LuaReport) -> String {
+    let confirmed = match (l.confirmed_generation, l.master_pid) {
+        (Some(g), Some(pid)) => format!("every worker of nginx master {pid} holds generation {g}"),
+        _ => "no generation confirmed by nginx yet".to_owned(),
+    };
+    let (class, error) = match &l.last_push_error {
+        Some(e) => (
+            "bad",
+            format!("; {} failed push(es) in a row, last: {e}", l.failed_pushes),
+        ),
+        None => ("muted", String::new()),
+    };
+    format!(
+        "<p class=\"{class}\" id=\"lua\">Apply mode lua: {}{}</p>",
+        esc(&confirmed),
+        esc(&error)
+    )
+}
+
 /// The page for a status report.
 pub fn render(r: &StatusReport) -> String {
     let mut body = String::new();
@@ -214,6 +234,9 @@ pub fn render(r: &StatusReport) -> String {
         None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
     }
     body.push_str(&apply_line(&r.apply));
+    if let Some(lua) = &r.lua {
+        body.push_str(&lua_line(lua));
+    }
     for u in &r.upstreams {
         body.push_str(&upstream_section(u));
     }
@@ -286,9 +309,20 @@ mod tests {
                 last_error: None,
                 render_error: None,
             },
+            apply_mode: crate::config::ApplyMode::Lua,
+            lua: Some(crate::controller::lua::LuaReport {
+                confirmed_generation: None,
+                master_pid: None,
+                failed_pushes: 2,
+                last_push_error: Some("nginx refused the push (401): <bad secret>".into()),
+            }),
         };
         let html = render(&r);
         assert!(html.contains("http-equiv=\"refresh\""));
         assert!(html.contains("starting"));
+        assert!(
+            html.contains("Apply mode lua: no generation confirmed by nginx yet; 2 failed push(es) in a row, last: nginx refused the push (401): &lt;bad secret&gt;"),
+            "{html}"
+        );
     }
 }

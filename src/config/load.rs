@@ -194,6 +194,7 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         .unwrap_or(Duration::from_secs(5));
     let state_dir = s.get("state_dir", p, path);
     let error_log = s.get("error_log", p, path);
+    let (apply, lua) = super::lua::read(&mut s, output.as_deref(), state_dir.as_deref(), p);
     s.finish(p);
     Some(NginxConfig {
         output: output?,
@@ -206,6 +207,8 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         confirm_timeout,
         state_dir,
         error_log,
+        apply,
+        lua,
     })
 }
 

@@ -4,6 +4,7 @@
 //! `Config` that exists is a valid one.
 
 mod load;
+mod lua;
 mod preflight;
 mod reader;
 mod sources;
@@ -16,6 +17,7 @@ use crate::affinity::AffinityKey;
 use crate::model::{Endpoint, UpstreamName};
 
 pub use load::{load_file, parse, ConfigError, ConfigErrors, MAX_CONFIG_BYTES};
+pub use lua::{ApplyMode, LuaConfig, LuaListen};
 pub use preflight::{find_program, preflight, Preflight};
 
 /// The whole configuration.
@@ -57,6 +59,10 @@ pub struct NginxConfig {
     /// reports for one of our endpoints brings that endpoint's next probe forward. Needs
     /// nginx's `error_log` at level `error` or more verbose. Default: not followed.
     pub error_log: Option<PathBuf>,
+    /// `apply`: `"reload"` (default) or `"lua"`: how a membership change reaches nginx.
+    pub apply: ApplyMode,
+    /// The `lua_*` keys (defaults filled in); used only with `apply = "lua"`.
+    pub lua: LuaConfig,
 }
 
 /// `[admin]`: the admin HTTP server.

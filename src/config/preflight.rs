@@ -60,7 +60,25 @@ pub fn preflight(cfg: &Config, path_env: Option<&str>) -> Preflight {
             ));
         }
     }
+    if nginx.apply == super::ApplyMode::Lua {
+        out.warnings
+            .extend(lua_module_warning(Path::new(DEBIAN_LUA_MODULE)));
+    }
     out
+}
+
+/// Where Debian's `libnginx-mod-http-lua` puts the module `apply = "lua"` needs.
+const DEBIAN_LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
+
+/// A warning when the Lua module is not at `module` (nginx built elsewhere may have it
+/// compiled in or in another place: hence a warning, not an error).
+fn lua_module_warning(module: &Path) -> Option<String> {
+    (!module.exists()).then(|| {
+        format!(
+            "nginx.apply: \"lua\" needs nginx's Lua module, and `{}` does not exist: on Debian, apt-get install libnginx-mod-http-lua lua-resty-core",
+            module.display()
+        )
+    })
 }
 
 /// The directory a file would be written in, when it has one.
@@ -108,6 +126,19 @@ mod tests {
             p.errors[0].starts_with("nginx.output: the directory"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn lua_mode_without_the_lua_module_is_a_warning_naming_the_packages() {
+        let dir = tempfile::tempdir().unwrap();
+        let warning = lua_module_warning(&dir.path().join("ngx_http_lua_module.so")).unwrap();
+        assert!(
+            warning.ends_with("apt-get install libnginx-mod-http-lua lua-resty-core"),
+            "{warning}"
+        );
+        let present = dir.path().join("present.so");
+        std::fs::write(&present, "").unwrap();
+        assert_eq!(lua_module_warning(&present), None);
     }
 
     #[test]

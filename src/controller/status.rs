@@ -32,6 +32,10 @@ pub struct StatusReport {
     pub change_pending: bool,
     /// Where the desired file stands: on disk, confirmed by nginx, retried.
     pub apply: ApplyState,
+    /// `[nginx] apply`: `reload` or `lua`.
+    pub apply_mode: crate::config::ApplyMode,
+    /// With `apply = "lua"`: the generation nginx confirmed and the last push error.
+    pub lua: Option<super::lua::LuaReport>,
 }
 
 /// Where the desired file stands between the render and nginx.

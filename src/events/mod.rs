@@ -7,11 +7,13 @@
 
 mod apply;
 mod health;
+mod lua;
 mod service;
 mod source;
 
 pub use apply::{ApplyFailed, ApplyProgress, FileWritten, Reloaded, RenderFailed, Rendered};
 pub use health::{EndpointsCounted, HealthChanged, ProbeFinished};
+pub use lua::LuaPushed;
 pub use service::{AdminConnectionRefused, ErrorLogLineRead, ErrorLogLinesTooLong};
 pub use source::{
     ShrinkHoldMeasured, SourceAnswered, SourceFailed, UpstreamRemoved, UpstreamStarted,

@@ -116,6 +116,20 @@ label_values! {
     }
 }
 
+label_values! {
+    /// `result` of `upstreamd_lua_pushes_total`.
+    LuaPushResult {
+        /// Every current worker reported the pushed generation.
+        Confirmed => "confirmed",
+        /// nginx refused the push (a bad secret, a stale generation, an invalid list).
+        Rejected => "rejected",
+        /// nginx took the push but its workers did not report it in time.
+        Unconfirmed => "unconfirmed",
+        /// The push did not reach nginx, or its files could not be written.
+        Failed => "failed",
+    }
+}
+
 impl From<&ProbeOutcome> for ProbeResult {
     fn from(outcome: &ProbeOutcome) -> Self {
         match outcome {
@@ -226,4 +240,11 @@ pub struct RenderLabels {
 pub struct ErrorLogLabels {
     /// What became of the line.
     pub result: ErrorLogResult,
+}
+
+/// `upstreamd_lua_pushes_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LuaPushLabels {
+    /// How the push ended.
+    pub result: LuaPushResult,
 }

@@ -22,9 +22,9 @@ use prometheus_client::registry::Registry;
 use crate::health::Health;
 use crate::model::UpstreamName;
 use labels::{
-    BuildLabels, EndpointStateLabels, ErrorLogLabels, ErrorLogResult, ProbeLabels, ProbeResult,
-    ReloadLabels, ReloadResult, RenderLabels, RenderResult, SourceLabels, TransitionLabels,
-    UpstreamLabels,
+    BuildLabels, EndpointStateLabels, ErrorLogLabels, ErrorLogResult, LuaPushLabels, LuaPushResult,
+    ProbeLabels, ProbeResult, ReloadLabels, ReloadResult, RenderLabels, RenderResult, SourceLabels,
+    TransitionLabels, UpstreamLabels,
 };
 
 /// The `Content-Type` of [`Metrics::render`]: the Prometheus text format, version 0.0.4.
@@ -92,6 +92,10 @@ pub struct Metrics {
     pub(crate) shrink_held: Family<UpstreamLabels, Gauge>,
     /// `upstreamd_admin_connections_refused_total`.
     pub(crate) admin_refused: Counter,
+    /// `upstreamd_lua_pushes_total`.
+    pub(crate) lua_pushes: Family<LuaPushLabels, Counter>,
+    /// `upstreamd_lua_generation`.
+    pub(crate) lua_generation: Gauge,
 }
 
 impl Default for Metrics {
@@ -123,6 +127,8 @@ impl Metrics {
             error_log_lines: Family::default(),
             shrink_held: Family::default(),
             admin_refused: Counter::default(),
+            lua_pushes: Family::default(),
+            lua_generation: Gauge::default(),
         };
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
@@ -138,6 +144,9 @@ impl Metrics {
         }
         for &result in ErrorLogResult::ALL {
             export_at_zero(&m.error_log_lines, &ErrorLogLabels { result });
+        }
+        for &result in LuaPushResult::ALL {
+            export_at_zero(&m.lua_pushes, &LuaPushLabels { result });
         }
         m.register(build_info)
     }
@@ -235,6 +244,16 @@ impl Metrics {
             "upstreamd_admin_connections_refused",
             "Admin connections closed at once because max_connections were open",
             self.admin_refused.clone(),
+        );
+        r.register(
+            "upstreamd_lua_pushes",
+            "Membership pushes to nginx's Lua update endpoint (apply = \"lua\"), by result",
+            self.lua_pushes.clone(),
+        );
+        r.register(
+            "upstreamd_lua_generation",
+            "The membership generation every nginx worker last confirmed (apply = \"lua\")",
+            self.lua_generation.clone(),
         );
         self
     }

@@ -7,6 +7,7 @@
 //! so the controller's tests use a fake and `tests/nginx_apply.rs` a real private nginx.
 
 mod error;
+pub mod lua;
 mod process;
 mod system;
 mod write;
