@@ -184,7 +184,17 @@ async fn status_json(State(s): State<AppState>) -> Response {
 
 async fn status_page(State(s): State<AppState>) -> Response {
     match s.controller.status(LOOP_DEADLINE).await {
-        Some(r) => Html(page::render(&r)).into_response(),
+        Some(r) => match page::render(&r) {
+            Ok(html) => Html(html).into_response(),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "Could not render the status page.");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the status page failed to render\n",
+                )
+                    .into_response()
+            }
+        },
         None => unavailable("the control loop did not answer within 2s"),
     }
 }
