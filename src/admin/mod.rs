@@ -161,14 +161,14 @@ fn unavailable(what: &str) -> Response {
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    match s.controller.status(LOOP_DEADLINE).await {
+    match s.controller.pulse(LOOP_DEADLINE).await {
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
         None => unavailable("the control loop did not answer within 2s"),
     }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    match s.controller.status(LOOP_DEADLINE).await {
+    match s.controller.pulse(LOOP_DEADLINE).await {
         Some(r) if r.ready => (StatusCode::OK, "ready\n").into_response(),
         Some(_) => unavailable("not ready: waiting for sources, first probes or the first apply"),
         None => unavailable("the control loop did not answer within 2s"),

@@ -36,7 +36,7 @@ use crate::sources::SourceUpdate;
 use saved::Saver;
 use schedule::Schedule;
 use state::UpstreamState;
-use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
+use status::{ControllerHandle, LastApply, Pulse, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
 const MAX_CONCURRENT_PROBES: usize = 512;
@@ -255,6 +255,15 @@ impl<N: Nginx> Controller<N> {
         }
     }
 
+    /// Answers a status question; the pulse costs nothing, only a report walks the state.
+    fn answer(&self, request: StatusRequest) {
+        // The asker may have given up waiting; nothing to do then.
+        let _ = match request {
+            StatusRequest::Report(tx) => tx.send(self.status_report()).map(drop).map_err(drop),
+            StatusRequest::Pulse(tx) => tx.send(Pulse { ready: self.ready }).map_err(drop),
+        };
+    }
+
     /// Runs until shutdown (`Mode::Run`) or one cycle is done (`Mode::Once`). Config reloads
     /// arrive on `reloads`, already validated.
     pub async fn run(
@@ -301,8 +310,7 @@ impl<N: Nginx> Controller<N> {
                     continue;
                 }
                 Some(request) = self.status_rx.recv() => {
-                    // The asker may have given up waiting; nothing to do then.
-                    let _ = request.send(self.status_report());
+                    self.answer(request);
                     continue;
                 }
                 Some(update) = self.source_rx.recv() => self.on_source(update),
