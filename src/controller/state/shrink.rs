@@ -1,0 +1,158 @@
+//! The shrink guard of one upstream: a source answer that drops more than `max_shrink` of
+//! the endpoints is held for `shrink_hold` before it applies.
+
+use std::collections::BTreeSet;
+
+use tokio::time::Instant;
+
+use super::{Delta, SourceState, UpstreamState};
+use crate::config::UpstreamConfig;
+use crate::decide::merge;
+use crate::model::{Address, Endpoint};
+use crate::sources::Skipped;
+
+/// A source answer held by the shrink guard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldShrink {
+    /// The latest answer, applied when the hold ends.
+    pub endpoints: Vec<Endpoint>,
+    /// Entries it skipped as invalid.
+    pub skipped: Skipped,
+    /// When the first answer of this hold arrived (later answers that still shrink too much
+    /// replace `endpoints` but keep the clock running).
+    pub since: Instant,
+    /// The upstream's endpoints before, and if the answer were applied.
+    pub before: usize,
+    /// The upstream's endpoints if the answer were applied.
+    pub after: usize,
+    /// The addresses the answer would remove, for the log when it is applied.
+    pub removed: Vec<Address>,
+}
+
+/// What a source update did to a shrink hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ShrinkEvent {
+    /// No hold involved.
+    #[default]
+    None,
+    /// The answer drops too much and a hold starts now.
+    Held,
+    /// The answer still drops too much; the hold that was running goes on.
+    StillHeld,
+    /// A hold was running and this answer does not drop too much: the hold is dropped.
+    Dropped,
+}
+
+/// Whether dropping `removed` of `before` endpoints is more than `max_shrink` allows.
+/// `shrink_hold = "0s"` turns the guard off; an upstream with no endpoints cannot shrink.
+pub(super) fn too_large_a_shrink(cfg: &UpstreamConfig, before: usize, removed: usize) -> bool {
+    !cfg.shrink_hold.is_zero() && before > 0 && removed as f64 > cfg.max_shrink * before as f64
+}
+
+impl UpstreamState {
+    /// For an answer of source `index`: the upstream's endpoint count before, after, and the
+    /// addresses it would remove. Before the first answers, "before" counts the saved
+    /// snapshots, so a restart or a reload does not reset the guard's baseline; and the answer
+    /// that completes the first full set is also measured against the file on disk
+    /// (`on_disk`), which is what nginx serves.
+    pub(super) fn shrink_of(
+        &self,
+        index: usize,
+        answer: &[Endpoint],
+    ) -> (usize, usize, Vec<Address>) {
+        fn known(s: &SourceState) -> Option<&[Endpoint]> {
+            s.snapshot
+                .as_deref()
+                .or(s.saved.as_ref().map(|v| v.endpoints.as_slice()))
+        }
+        let mut before: BTreeSet<Address> = merge(self.sources.iter().filter_map(known))
+            .into_keys()
+            .collect();
+        let completes_first_set = self.sources.iter().any(|s| known(s).is_none())
+            && self
+                .sources
+                .iter()
+                .enumerate()
+                .all(|(i, s)| i == index || known(s).is_some());
+        if completes_first_set {
+            before.extend(self.on_disk.iter().cloned());
+        }
+        let after = merge(self.sources.iter().enumerate().filter_map(|(i, s)| {
+            if i == index {
+                Some(answer)
+            } else {
+                known(s)
+            }
+        }));
+        let removed: Vec<Address> = before
+            .iter()
+            .filter(|a| !after.contains_key(*a))
+            .cloned()
+            .collect();
+        (before.len(), after.len(), removed)
+    }
+
+    /// Applies every held answer whose hold has lasted `shrink_hold`; returns the sources
+    /// released (by index) and what changed, or `None` when nothing was due.
+    pub fn release_held(&mut self, now: Instant) -> Option<(Vec<usize>, Delta)> {
+        let hold = self.cfg.shrink_hold;
+        let due: Vec<usize> = (0..self.sources.len())
+            .filter(|i| {
+                self.sources[*i]
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| now >= h.since + hold)
+            })
+            .collect();
+        if due.is_empty() {
+            return None;
+        }
+        let mut delta = Delta::default();
+        for &i in &due {
+            let Some(h) = self.sources[i].held.take() else {
+                continue;
+            };
+            let d = self.take_snapshot(i, h.endpoints, h.skipped, now);
+            delta.added.extend(d.added);
+            // What the hold measured against (the endpoints before, or the file on disk),
+            // not what this state merged: before a first answer that is nothing.
+            delta.removed.extend(h.removed);
+            delta.removed.extend(d.removed);
+            delta.removed.sort();
+            delta.removed.dedup();
+            delta.changed |= d.changed;
+            delta.snapshot_changed |= d.snapshot_changed;
+        }
+        Some((due, delta))
+    }
+
+    /// When the earliest hold ends, if any source is held.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.sources
+            .iter()
+            .filter_map(|s| s.held.as_ref())
+            .map(|h| h.since + self.cfg.shrink_hold)
+            .min()
+    }
+
+    /// A sentence per held source for `/status`, or `None` when nothing is held.
+    pub fn shrink_held(&self, now: Instant) -> Option<String> {
+        let parts: Vec<String> = self
+            .sources
+            .iter()
+            .filter_map(|s| Some((s, s.held.as_ref()?)))
+            .map(|(s, h)| {
+                let left = (h.since + self.cfg.shrink_hold).saturating_duration_since(now);
+                format!(
+                    "source {} answered with {} of the upstream's {} endpoints (max_shrink = {}); held for {:.1}s more unless the endpoints come back",
+                    s.label,
+                    h.after,
+                    h.before,
+                    self.cfg.max_shrink,
+                    left.as_secs_f64()
+                )
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
