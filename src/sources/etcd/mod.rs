@@ -138,13 +138,12 @@ impl EtcdWatch {
             opts = opts.with_tls(self.tls_options()?);
         }
         let limit = self.cfg.connect_timeout + self.cfg.request_timeout;
-        tokio::time::timeout(limit, Client::connect(&self.cfg.endpoints, Some(opts)))
-            .await
-            .map_err(|_| EtcdError::Timeout {
-                op: "connect",
-                after: limit,
-            })?
-            .map_err(|e| EtcdError::request("connect", &e))
+        bounded(
+            "connect",
+            limit,
+            Client::connect(&self.cfg.endpoints, Some(opts)),
+        )
+        .await
     }
 
     /// Every key under the prefix and the store revision of the answer.
@@ -157,13 +156,7 @@ impl EtcdWatch {
             Some(GetOptions::new().with_prefix()),
         );
         let limit = self.cfg.request_timeout;
-        let mut answer = tokio::time::timeout(limit, get)
-            .await
-            .map_err(|_| EtcdError::Timeout {
-                op: "list",
-                after: limit,
-            })?
-            .map_err(|e| EtcdError::request("list", &e))?;
+        let mut answer = bounded("list", limit, get).await?;
         let revision = answer
             .header()
             .map(|h| h.revision())
@@ -185,13 +178,12 @@ impl EtcdWatch {
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let opts = WatchOptions::new().with_prefix().with_start_revision(start);
         let limit = self.cfg.request_timeout;
-        tokio::time::timeout(limit, watch.watch(self.cfg.prefix.as_str(), Some(opts)))
-            .await
-            .map_err(|_| EtcdError::Timeout {
-                op: "watch",
-                after: limit,
-            })?
-            .map_err(|e| EtcdError::request("watch", &e))
+        bounded(
+            "watch",
+            limit,
+            watch.watch(self.cfg.prefix.as_str(), Some(opts)),
+        )
+        .await
     }
 
     /// Performs the I/O of `phase` and returns its outcome for the machine.
@@ -340,6 +332,18 @@ impl Source for EtcdWatch {
             }
         }
     }
+}
+
+/// `request`, given `limit` to answer: its error, or a timeout, as an [`EtcdError`] for `op`.
+async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| EtcdError::Timeout { op, after: limit })?
+        .map_err(|e| EtcdError::request(op, &e))
 }
 
 fn watch_msg(resp: &WatchResponse) -> WatchMsg {
