@@ -134,6 +134,8 @@ pub struct Controller<N: Nginx> {
     gauges_stale: bool,
     /// Keeps each registry source's last good snapshot in `state_dir`, when set.
     saver: Option<Saver>,
+    /// Whether `state_dir` may be written (not in `once --dry-run`).
+    writes_state: bool,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -177,6 +179,7 @@ impl<N: Nginx> Controller<N> {
             notifier: Notifier::disabled(),
             gauges_stale: true,
             saver: None,
+            writes_state: true,
             cfg,
         }
     }
@@ -272,6 +275,7 @@ impl<N: Nginx> Controller<N> {
         mut reloads: mpsc::Receiver<Config>,
     ) -> Result<Outcome, ControllerError> {
         let started = Instant::now();
+        self.writes_state = !matches!(mode, Mode::Once { dry_run: true, .. });
         self.start_all();
         self.set_apply_gauges();
         let mut reloads_open = true;
