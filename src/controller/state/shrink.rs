@@ -156,3 +156,112 @@ impl UpstreamState {
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::ShrinkEvent;
+    use crate::controller::state::tests::{guarded, rendered, snap, state, FOUR};
+
+    #[test]
+    fn a_shrink_beyond_max_shrink_is_held_for_shrink_hold_then_applied() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+
+        // Three of four gone (75% > 50%): held, nothing changes.
+        let d = s.on_source(0, snap(&FOUR[..1]), t0 + Duration::from_secs(1));
+        assert_eq!(d.shrink, ShrinkEvent::Held);
+        assert!(!d.changed && !d.snapshot_changed);
+        assert_eq!(rendered(&s).len(), 4);
+        assert_eq!(s.next_release(), Some(t0 + Duration::from_secs(31)));
+        let why = s.shrink_held(t0 + Duration::from_secs(11)).unwrap();
+        assert!(
+            why.starts_with("source consul answered with 1 of the upstream's 4 endpoints (max_shrink = 0.5); held for 20.0s more"),
+            "{why}"
+        );
+
+        // The same answer again keeps the clock running from the first one.
+        let d = s.on_source(0, snap(&FOUR[..1]), t0 + Duration::from_secs(20));
+        assert_eq!(d.shrink, ShrinkEvent::StillHeld);
+        assert!(s.release_held(t0 + Duration::from_millis(30_999)).is_none());
+        assert_eq!(rendered(&s).len(), 4);
+
+        let (released, d) = s.release_held(t0 + Duration::from_secs(31)).unwrap();
+        assert_eq!(released, vec![0]);
+        assert!(d.changed && d.snapshot_changed);
+        assert_eq!(d.removed.len(), 3);
+        assert_eq!(rendered(&s), vec!["127.0.0.2:80"]);
+        assert_eq!(s.shrink_held(t0 + Duration::from_secs(31)), None);
+        assert_eq!(s.next_release(), None);
+    }
+
+    #[test]
+    fn an_answer_that_restores_the_endpoints_drops_the_hold() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        // An ACL token that lost service:read: an empty, successful answer.
+        assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::Held);
+        let d = s.on_source(0, snap(&FOUR), t0 + Duration::from_secs(2));
+        assert_eq!(d.shrink, ShrinkEvent::Dropped);
+        assert!(!d.changed, "the endpoints never left");
+        assert_eq!(s.next_release(), None);
+        assert!(s.release_held(t0 + Duration::from_secs(60)).is_none());
+        assert_eq!(rendered(&s).len(), 4);
+    }
+
+    #[test]
+    fn a_shrink_within_max_shrink_applies_at_once() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        // Exactly half: not more than max_shrink.
+        let d = s.on_source(0, snap(&FOUR[..2]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::None);
+        assert!(d.changed);
+        assert_eq!(rendered(&s).len(), 2);
+        // Growth is never held.
+        assert_eq!(s.on_source(0, snap(&FOUR), t0).shrink, ShrinkEvent::None);
+    }
+
+    #[test]
+    fn a_shrink_is_measured_on_the_merged_upstream_not_the_one_source() {
+        let mut s = guarded(0.5, Duration::from_secs(30));
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&FOUR[..3]), t0);
+        // Source 0 empties, but source 1 still names three of the four: one of four removed.
+        let d = s.on_source(0, snap(&[]), t0);
+        assert_eq!(d.shrink, ShrinkEvent::None);
+        assert_eq!(rendered(&s).len(), 3);
+    }
+
+    #[test]
+    fn a_static_list_is_never_held() {
+        let mut s = state();
+        let t0 = Instant::now();
+        s.on_source(0, snap(&FOUR), t0);
+        s.on_source(1, snap(&[]), t0);
+        assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::None);
+        assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_zero_shrink_hold_or_max_shrink_of_one_turns_the_guard_off() {
+        for (max, hold) in [(0.5, Duration::ZERO), (1.0, Duration::from_secs(30))] {
+            let mut s = guarded(max, hold);
+            let t0 = Instant::now();
+            s.on_source(0, snap(&FOUR), t0);
+            s.on_source(1, snap(&[]), t0);
+            assert_eq!(s.on_source(0, snap(&[]), t0).shrink, ShrinkEvent::None);
+            assert!(s.endpoints.is_empty());
+        }
+    }
+}
