@@ -156,7 +156,6 @@ pub fn decide(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::HealthConfig;
     use std::time::Duration;
 
     pub(crate) fn upstream(name: &str, balance: Balance) -> UpstreamConfig {
@@ -173,19 +172,7 @@ pub(crate) mod tests {
             on_all_unhealthy: AllUnhealthy::FailOpen,
             max_shrink: 0.5,
             shrink_hold: Duration::from_secs(30),
-            health: HealthConfig {
-                enabled: true,
-                path: "/queue/status".into(),
-                expect_status: (200, 399),
-                expect_body: None,
-                host: None,
-                interval: Duration::from_secs(2),
-                fast_interval: Duration::from_millis(500),
-                down_interval: Duration::from_secs(2),
-                timeout: Duration::from_secs(1),
-                rise: 2,
-                fall: 3,
-            },
+            health: crate::health::probe::tests::health("/queue/status"),
             sources: vec![],
         }
     }

@@ -96,17 +96,8 @@ impl Visit for EscapingVisitor<'_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let mut text = value.to_string();
-        let mut source = value.source();
-        while let Some(s) = source {
-            // Error chains often repeat the inner message; print each distinct cause once.
-            let s_text = s.to_string();
-            if !text.contains(&s_text) {
-                text = format!("{text}: {s_text}");
-            }
-            source = s.source();
-        }
-        self.write(field, &text);
+        // Error chains often repeat the inner message; each distinct cause is printed once.
+        self.write(field, &crate::sources::retry::error_chain(value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {

@@ -184,6 +184,36 @@ async fn a_held_shrink_is_dropped_when_the_endpoints_come_back() {
         .contains("The held shrink is dropped: the source answered with the endpoints again."));
 }
 
+/// `once --dry-run` prints the file and writes nothing: not the include, and not `state_dir`
+/// (which it does not even create), though the Consul source it read would be saved by a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn once_dry_run_leaves_state_dir_untouched() {
+    let consul = standin(None).await;
+    register(&consul, "k0", "127.0.0.2:7860").await;
+    let nginx = Nginx::start("kotaemon");
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().join("state");
+    let (cfg, _) = consul_config(
+        &nginx,
+        &consul,
+        false,
+        &format!("state_dir = \"{}\"", state_dir.display()),
+        "",
+    );
+    let (_dir, path) = write_config(&cfg);
+    let before = std::fs::read(nginx.output()).unwrap();
+    let (code, stdout, stderr) =
+        upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("server 127.0.0.2:7860;"), "{stdout}");
+    assert!(
+        !state_dir.exists(),
+        "--dry-run created or wrote {state_dir:?}"
+    );
+    assert_eq!(std::fs::read(nginx.output()).unwrap(), before);
+    assert_eq!(nginx.reloads(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_restart_during_a_consul_outage_starts_from_the_saved_snapshot() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];

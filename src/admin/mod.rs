@@ -159,14 +159,14 @@ fn unavailable(what: &str) -> Response {
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
-    match s.controller.status(LOOP_DEADLINE).await {
+    match s.controller.pulse(LOOP_DEADLINE).await {
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
         None => unavailable("the control loop did not answer within 2s"),
     }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    match s.controller.status(LOOP_DEADLINE).await {
+    match s.controller.pulse(LOOP_DEADLINE).await {
         Some(r) if r.ready => (StatusCode::OK, "ready\n").into_response(),
         Some(_) => unavailable("not ready: waiting for sources, first probes or the first apply"),
         None => unavailable("the control loop did not answer within 2s"),
@@ -182,7 +182,17 @@ async fn status_json(State(s): State<AppState>) -> Response {
 
 async fn status_page(State(s): State<AppState>) -> Response {
     match s.controller.status(LOOP_DEADLINE).await {
-        Some(r) => Html(page::render(&r)).into_response(),
+        Some(r) => match page::render(&r) {
+            Ok(html) => Html(html).into_response(),
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "Could not render the status page.");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the status page failed to render\n",
+                )
+                    .into_response()
+            }
+        },
         None => unavailable("the control loop did not answer within 2s"),
     }
 }
@@ -198,6 +208,33 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::status::{Pulse, StatusRequest};
+
+    /// An admin state whose controller answers pulses with `ready` and never a full report.
+    fn pulse_only(ready: bool) -> AppState {
+        let (controller, mut rx) = ControllerHandle::new();
+        tokio::spawn(async move {
+            while let Some(request) = rx.recv().await {
+                if let StatusRequest::Pulse(tx) = request {
+                    // The test may have stopped waiting.
+                    let _ = tx.send(Pulse { ready });
+                }
+            }
+        });
+        AppState {
+            controller,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healthz_and_readyz_answer_from_the_pulse_without_a_report() {
+        assert_eq!(healthz(State(pulse_only(false))).await.status(), 200);
+        assert_eq!(readyz(State(pulse_only(false))).await.status(), 503);
+        assert_eq!(readyz(State(pulse_only(true))).await.status(), 200);
+        // The full report is never answered here: the page waits out the deadline.
+        assert_eq!(status_json(State(pulse_only(true))).await.status(), 503);
+    }
 
     #[test]
     fn the_cap_is_the_configured_one_when_descriptors_are_plenty() {

@@ -1,327 +1,287 @@
 //! The status page: server-rendered HTML that refreshes itself every two seconds, no script.
+//!
+//! It renders `templates/status.html.j2` with minijinja, whose auto-escaping (on for `.html`
+//! names) escapes every value: registry names, reasons and errors are data from outside.
 
-use crate::controller::status::{
-    ApplyState, EndpointStatus, SourceStatus, StatusReport, UpstreamStatus,
-};
+use std::sync::LazyLock;
 
-/// Escapes text for HTML.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
+use minijinja::Environment;
+
+use crate::controller::status::StatusReport;
+
+/// The template's name: its `.html` tells minijinja to escape for HTML.
+const NAME: &str = "status.html.j2";
+
+/// The page template, parsed once.
+static PAGE: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_filter("ago", ago);
+    env.add_filter("fixed", fixed);
+    // The template is ours and tested below: a syntax error is a build defect.
+    env.add_template(NAME, include_str!("../../templates/status.html.j2"))
+        .expect("the status page template parses");
+    env
+});
+
+/// `{{ secs|ago }}`: seconds ago, in the unit a reader wants; `—` for none.
+fn ago(secs: Option<f64>) -> String {
+    match secs {
+        None => "—".to_owned(),
+        Some(s) if s < 1.0 => format!("{:.0} ms ago", s * 1000.0),
+        Some(s) if s < 120.0 => format!("{s:.1} s ago"),
+        Some(s) if s < 7200.0 => format!("{:.0} min ago", s / 60.0),
+        Some(s) => format!("{:.1} h ago", s / 3600.0),
     }
-    out
 }
 
-fn secs(s: f64) -> String {
-    match s {
-        s if s < 1.0 => format!("{:.0} ms ago", s * 1000.0),
-        s if s < 120.0 => format!("{s:.1} s ago"),
-        s if s < 7200.0 => format!("{:.0} min ago", s / 60.0),
-        s => format!("{:.1} h ago", s / 3600.0),
-    }
-}
-
-const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
-h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}\
-table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}\
-th{background:#f4f4f4}.state{font-weight:600;border-radius:3px;padding:.1em .5em;color:#fff}\
-.up{background:#2e7d32}.down{background:#c62828}.unknown{background:#757575}.stale{background:#ef6c00}\
-.muted{color:#777}.banner{padding:.5em 1em;border-radius:4px;margin:.5em 0}\
-.bad{background:#ffebee;border:1px solid #c62828}.ok{background:#e8f5e9;border:1px solid #2e7d32}";
-
-fn endpoint_row(e: &EndpointStatus) -> String {
-    let health = e.health.to_string();
-    let probe = e.last_probe.as_ref().map_or("—".to_owned(), |p| {
-        format!("{} ({:.1} ms)", esc(&p.detail), p.latency_ms)
-    });
-    let transition = e.last_transition.as_ref().map_or("—".to_owned(), |t| {
-        format!(
-            "{} → {}, {}: {}",
-            t.from,
-            t.to,
-            secs(t.secs_ago),
-            esc(&t.why)
-        )
-    });
-    let registry = match &e.registry {
-        crate::model::RegistryState::Passing => "passing".to_owned(),
-        crate::model::RegistryState::Critical(why) => format!("critical: {}", esc(why)),
-    };
-    let why = e.why.as_deref().map(esc).unwrap_or_default();
-    format!(
-        "<tr class=\"endpoint\" data-address=\"{addr}\" data-rendered=\"{r}\"><td><code>{addr}</code></td>\
-         <td><span class=\"state {r}\">{r}</span></td><td class=\"why\">{why}</td><td><span class=\"state {hc}\">{health}</span></td>\
-         <td>{registry}</td><td>{probe}</td><td>{transition}</td><td class=\"muted\">{origin}</td></tr>",
-        addr = esc(&e.address.to_string()),
-        r = e.rendered,
-        hc = match e.health {
-            crate::health::Health::Up => "up",
-            crate::health::Health::Down => "down",
-            crate::health::Health::Unknown => "unknown",
-        },
-        origin = esc(&e.origin),
-    )
-}
-
-fn source_row(s: &SourceStatus) -> String {
-    let (class, state) = match (s.delivered, s.up) {
-        (false, _) => ("unknown", "waiting"),
-        (true, true) => ("up", "up"),
-        (true, false) => ("stale", "stale"),
-    };
-    format!(
-        "<tr><td>{}</td><td><span class=\"state {class}\">{state}</span></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-        esc(&s.label),
-        s.last_update_secs_ago.map_or("—".to_owned(), secs),
-        s.updates,
-        s.skipped,
-        s.error.as_deref().map(esc).unwrap_or_default(),
-    )
-}
-
-/// The entries a source refused, each with why; `None` when it refused none.
-fn skipped_list(s: &SourceStatus) -> Option<String> {
-    if s.skipped == 0 {
-        return None;
-    }
-    let mut out = format!(
-        "<div class=\"skipped\" data-source=\"{label}\">Source {label} skipped {n} registry {entries}",
-        label = esc(&s.label),
-        n = s.skipped,
-        entries = if s.skipped == 1 { "entry" } else { "entries" },
-    );
-    if s.skipped > s.skipped_entries.len() {
-        out.push_str(&format!(
-            " (the first {} are listed)",
-            s.skipped_entries.len()
-        ));
-    }
-    out.push_str(":<ul>");
-    for e in &s.skipped_entries {
-        out.push_str(&format!(
-            "<li><code>{}</code>: {}</li>",
-            esc(&e.name),
-            esc(&e.reason)
-        ));
-    }
-    out.push_str("</ul></div>");
-    Some(out)
-}
-
-fn upstream_section(u: &UpstreamStatus) -> String {
-    let up = u.endpoints.iter().filter(|e| e.rendered == "up").count();
-    let balance = serde_json::to_value(u.balance)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let mut out = format!(
-        "<h2>upstream <code>{}</code> <span class=\"muted\">{balance} · {up} of {} up</span></h2>",
-        esc(&u.name),
-        u.endpoints.len()
-    );
-    if u.all_unhealthy {
-        out.push_str("<div class=\"banner bad\">Every endpoint fails its health check: on_all_unhealthy applies.</div>");
-    }
-    if let Some(held) = &u.shrink_held {
-        out.push_str(&format!(
-            "<div class=\"banner bad\">Held: {}</div>",
-            esc(held)
-        ));
-    }
-    out.push_str("<table><tr><th>source</th><th>state</th><th>last update</th><th>updates</th><th>skipped</th><th>error</th></tr>");
-    for s in &u.sources {
-        out.push_str(&source_row(s));
-    }
-    out.push_str("</table>");
-    for list in u.sources.iter().filter_map(skipped_list) {
-        out.push_str(&list);
-    }
-    out.push_str("<table><tr><th>endpoint</th><th>rendered</th><th>why</th><th>probe</th><th>registry</th><th>last probe</th><th>last transition</th><th>origin</th></tr>");
-    for e in &u.endpoints {
-        out.push_str(&endpoint_row(e));
-    }
-    if u.endpoints.is_empty() {
-        out.push_str("<tr><td colspan=\"8\" class=\"muted\">nothing registered</td></tr>");
-    }
-    out.push_str("</table>");
-    out
-}
-
-/// Where the desired file stands: on disk, confirmed by nginx, retried.
-fn apply_line(a: &ApplyState) -> String {
-    let next = a
-        .next_attempt_secs
-        .map(|s| format!("; next attempt in {s:.1} s"))
-        .unwrap_or_default();
-    let (class, what) = match a.state {
-        "in_sync" => ("muted", "nginx runs the desired file".to_owned()),
-        "pending" if a.urgent => ("muted", format!("A removal is being applied{next}")),
-        "pending" => (
-            "muted",
-            format!("A change is waiting for settle / min_reload_interval{next}"),
-        ),
-        "render_failed" => (
-            "bad",
-            format!(
-                "The template fails; the last good file stays: {}",
-                a.render_error.as_deref().unwrap_or_default()
-            ),
-        ),
-        _ => (
-            "bad",
-            format!(
-                "Applying failed {} time(s) in a row; the file on disk is the {} one{next}: {}",
-                a.consecutive_failures,
-                a.on_disk,
-                a.last_error.as_deref().unwrap_or_default()
-            ),
-        ),
-    };
-    format!("<p class=\"{class}\" id=\"apply\">{}</p>", esc(&what))
-}
-
-/// `apply = "lua"`: the generation nginx confirmed and the last push error.
-fn lua_line(l: &crate::controller::lua::LuaReport) -> String {
-    let confirmed = match (l.confirmed_generation, l.master_pid) {
-        (Some(g), Some(pid)) => format!("every worker of nginx master {pid} holds generation {g}"),
-        _ => "no generation confirmed by nginx yet".to_owned(),
-    };
-    let (class, error) = match &l.last_push_error {
-        Some(e) => (
-            "bad",
-            format!("; {} failed push(es) in a row, last: {e}", l.failed_pushes),
-        ),
-        None => ("muted", String::new()),
-    };
-    format!(
-        "<p class=\"{class}\" id=\"lua\">Apply mode lua: {}{}</p>",
-        esc(&confirmed),
-        esc(&error)
-    )
+/// `{{ x|fixed(n) }}`: `x` with `n` digits after the point.
+fn fixed(x: f64, digits: usize) -> String {
+    format!("{x:.digits$}")
 }
 
 /// The page for a status report.
-pub fn render(r: &StatusReport) -> String {
-    let mut body = String::new();
-    let ready = if r.ready {
-        "<span class=\"state up\">ready</span>"
-    } else {
-        "<span class=\"state unknown\">starting</span>"
-    };
-    body.push_str(&format!("<h1>upstreamd {} {ready}</h1>", esc(r.version)));
-    match &r.last_apply {
-        Some(a) if a.error.is_some() => body.push_str(&format!(
-            "<div class=\"banner bad\" id=\"last-apply\">Last apply <b>{}</b> {}: {}</div>",
-            esc(&a.result),
-            secs(a.secs_ago),
-            esc(a.error.as_deref().unwrap_or_default())
-        )),
-        Some(a) => body.push_str(&format!(
-            "<div class=\"banner ok\" id=\"last-apply\">Last apply <b>{}</b> {} in {:.0} ms: {}</div>",
-            esc(&a.result),
-            secs(a.secs_ago),
-            a.duration_ms,
-            esc(&a.changes)
-        )),
-        None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
-    }
-    body.push_str(&apply_line(&r.apply));
-    if let Some(lua) = &r.lua {
-        body.push_str(&lua_line(lua));
-    }
-    for u in &r.upstreams {
-        body.push_str(&upstream_section(u));
-    }
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>upstreamd</title><style>{STYLE}</style></head><body>{body}\
-         <p class=\"muted\">Refreshes every 2 s · <a href=\"/status\">/status</a> · <a href=\"/metrics\">/metrics</a></p></body></html>"
-    )
+pub fn render(r: &StatusReport) -> Result<String, minijinja::Error> {
+    PAGE.get_template(NAME)?.render(minijinja::context! { r })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Balance;
+    use crate::controller::state::LastProbe;
+    use crate::controller::status::{
+        ApplyState, ApplyStatus, EndpointStatus, SourceStatus, TransitionStatus, UpstreamStatus,
+    };
+    use crate::decide::Verdict;
+    use crate::health::Health;
+    use crate::model::RegistryState;
+    use crate::sources::SkippedEntry;
 
-    #[test]
-    fn escapes_everything_a_registry_could_put_in_an_origin() {
-        assert_eq!(esc("<script>\"'&"), "&lt;script&gt;&quot;&#39;&amp;");
+    const HOSTILE: &str = "<script>alert(\"x\")</script>'";
+    const HOSTILE_ESCAPED: &str = "&lt;script&gt;alert(&quot;x&quot;)&lt;&#x2f;script&gt;&#x27;";
+
+    fn apply(state: &'static str) -> ApplyState {
+        ApplyState {
+            state,
+            on_disk: "missing",
+            nginx_confirmed: true,
+            urgent: false,
+            consecutive_failures: 0,
+            next_attempt_secs: None,
+            last_error: None,
+            render_error: None,
+        }
     }
 
-    #[test]
-    fn skipped_entries_are_listed_by_name_and_escaped() {
-        let mut s = SourceStatus {
+    fn report(upstreams: Vec<UpstreamStatus>) -> StatusReport {
+        StatusReport {
+            version: "0.1.0",
+            ready: true,
+            uptime_secs: 1.0,
+            upstreams,
+            last_apply: None,
+            change_pending: false,
+            apply: apply("in_sync"),
+            apply_mode: crate::config::ApplyMode::Reload,
+            lua: None,
+        }
+    }
+
+    fn source(skipped: usize, entries: Vec<SkippedEntry>) -> SourceStatus {
+        SourceStatus {
             label: "etcd".into(),
             kind: "etcd",
             up: true,
             delivered: true,
             error: None,
-            last_update_secs_ago: None,
+            last_update_secs_ago: Some(0.25),
             stale_secs: None,
             updates: 1,
-            skipped: 0,
-            skipped_entries: vec![],
+            skipped,
+            skipped_entries: entries,
             from_saved: false,
             saved_secs_ago: None,
-        };
-        assert_eq!(skipped_list(&s), None);
-        s.skipped = 21;
-        s.skipped_entries = vec![crate::sources::SkippedEntry::new(
-            "/svc/<script>",
-            "weight = \"x\" must be a number",
-        )];
-        let html = skipped_list(&s).unwrap();
+        }
+    }
+
+    fn endpoint(address: &str, health: Health, down: bool, origin: &str) -> EndpointStatus {
+        EndpointStatus {
+            address: address.parse().unwrap(),
+            origin: origin.into(),
+            registry: RegistryState::Passing,
+            health,
+            rendered: if down { "down" } else { "up" },
+            verdict: if down {
+                Verdict::ProbeDown
+            } else {
+                Verdict::Up
+            },
+            why: down.then(|| "its health probe failed: status 503".to_owned()),
+            last_probe: Some(LastProbe {
+                result: "ok",
+                detail: "status 200".into(),
+                latency_ms: 1.24,
+            }),
+            last_transition: None,
+        }
+    }
+
+    fn upstream(sources: Vec<SourceStatus>, endpoints: Vec<EndpointStatus>) -> UpstreamStatus {
+        UpstreamStatus {
+            name: "kotaemon".into(),
+            balance: Balance::LeastConn,
+            all_unhealthy: false,
+            sources,
+            endpoints,
+            shrink_held: None,
+        }
+    }
+
+    #[test]
+    fn seconds_ago_read_in_the_unit_a_reader_wants() {
+        assert_eq!(ago(None), "—");
+        assert_eq!(ago(Some(0.25)), "250 ms ago");
+        assert_eq!(ago(Some(12.34)), "12.3 s ago");
+        assert_eq!(ago(Some(600.0)), "10 min ago");
+        assert_eq!(ago(Some(9000.0)), "2.5 h ago");
+    }
+
+    #[test]
+    fn an_empty_report_renders_a_page_that_refreshes() {
+        let mut r = report(vec![]);
+        r.ready = false;
+        let html = render(&r).unwrap();
+        assert!(html.contains("http-equiv=\"refresh\""), "{html}");
+        assert!(html.contains("<span class=\"state unknown\">starting</span>"));
+        assert!(html.contains("Nothing applied yet."));
+        assert!(html.contains("<p class=\"muted\" id=\"apply\">nginx runs the desired file</p>"));
+    }
+
+    #[test]
+    fn endpoints_show_how_they_are_rendered_and_why() {
+        let mut down = endpoint("127.0.0.3:80", Health::Down, true, "servers[2]");
+        down.last_transition = Some(TransitionStatus {
+            from: Health::Up,
+            to: Health::Down,
+            secs_ago: 3.0,
+            why: "3 consecutive failed probes (fall = 3)".into(),
+        });
+        let u = upstream(
+            vec![source(0, vec![])],
+            vec![
+                endpoint("127.0.0.2:80", Health::Up, false, "servers[1]"),
+                down,
+            ],
+        );
+        let html = render(&report(vec![u])).unwrap();
+        for want in [
+            "<h2>upstream <code>kotaemon</code> <span class=\"muted\">least_conn · 1 of 2 up</span></h2>",
+            "<tr class=\"endpoint\" data-address=\"127.0.0.2:80\" data-rendered=\"up\"><td><code>127.0.0.2:80</code></td><td><span class=\"state up\">up</span></td><td class=\"why\"></td><td><span class=\"state up\">healthy</span></td><td>passing</td><td>status 200 (1.2 ms)</td><td>—</td><td class=\"muted\">servers[1]</td></tr>",
+            "data-address=\"127.0.0.3:80\" data-rendered=\"down\"",
+            "<td class=\"why\">its health probe failed: status 503</td><td><span class=\"state down\">unhealthy</span></td>",
+            "<td>healthy → unhealthy, 3.0 s ago: 3 consecutive failed probes (fall = 3)</td>",
+            "<tr><td>etcd</td><td><span class=\"state up\">up</span></td><td>250 ms ago</td><td>1</td><td>0</td><td></td></tr>",
+        ] {
+            assert!(html.contains(want), "{want}\nnot in\n{html}");
+        }
+        assert!(!html.contains("nothing registered"));
+        assert!(!html.contains("class=\"skipped\""));
+    }
+
+    #[test]
+    fn skipped_entries_are_listed_by_name_and_escaped() {
+        let entry = SkippedEntry::new("/svc/<script>", "weight = \"x\" must be a number");
+        let html = render(&report(vec![upstream(
+            vec![source(21, vec![entry])],
+            vec![],
+        )]))
+        .unwrap();
         assert!(
             html.contains("skipped 21 registry entries (the first 1 are listed)"),
             "{html}"
         );
         assert!(
-            html.contains("<code>/svc/&lt;script&gt;</code>: weight = &quot;x&quot;"),
+            html.contains("<code>&#x2f;svc&#x2f;&lt;script&gt;</code>: weight = &quot;x&quot;"),
             "{html}"
         );
+        assert!(html.contains("nothing registered"));
         assert!(!html.contains("<script>"), "{html}");
     }
 
     #[test]
-    fn an_empty_report_renders_a_page_that_refreshes() {
-        let r = StatusReport {
-            version: "0.1.0",
-            ready: false,
-            uptime_secs: 1.0,
-            upstreams: vec![],
-            last_apply: None,
-            change_pending: false,
-            apply: ApplyState {
-                state: "in_sync",
-                on_disk: "missing",
-                nginx_confirmed: true,
-                urgent: false,
-                consecutive_failures: 0,
-                next_attempt_secs: None,
-                last_error: None,
-                render_error: None,
-            },
-            apply_mode: crate::config::ApplyMode::Lua,
-            lua: Some(crate::controller::lua::LuaReport {
-                confirmed_generation: None,
-                master_pid: None,
-                failed_pushes: 2,
-                last_push_error: Some("nginx refused the push (401): <bad secret>".into()),
-            }),
+    fn a_hostile_registry_value_arrives_escaped_everywhere_on_the_page() {
+        let mut e = endpoint("127.0.0.2:80", Health::Down, true, HOSTILE);
+        e.registry = RegistryState::Critical(HOSTILE.into());
+        e.why = Some(HOSTILE.into());
+        e.last_probe.as_mut().unwrap().detail = HOSTILE.into();
+        let mut s = source(1, vec![SkippedEntry::new(HOSTILE, HOSTILE)]);
+        s.label = HOSTILE.into();
+        s.error = Some(HOSTILE.into());
+        let mut u = upstream(vec![s], vec![e]);
+        u.shrink_held = Some(HOSTILE.into());
+        let mut r = report(vec![u]);
+        r.last_apply = Some(ApplyStatus {
+            result: "test_failed".into(),
+            secs_ago: 1.0,
+            duration_ms: 7.0,
+            changes: HOSTILE.into(),
+            error: Some(HOSTILE.into()),
+        });
+        r.apply = ApplyState {
+            last_error: Some(HOSTILE.into()),
+            consecutive_failures: 2,
+            ..apply("retrying")
         };
-        let html = render(&r);
-        assert!(html.contains("http-equiv=\"refresh\""));
-        assert!(html.contains("starting"));
+        let html = render(&r).unwrap();
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(!html.contains("alert(\"x\")"), "{html}");
+        // Origin, registry, why, probe detail, source label (three times), source error,
+        // skipped name and reason, held shrink, last apply error, apply error.
+        assert_eq!(html.matches(HOSTILE_ESCAPED).count(), 13, "{html}");
+    }
+
+    #[test]
+    fn a_failing_apply_says_how_often_and_when_it_is_retried() {
+        let mut r = report(vec![]);
+        r.apply = ApplyState {
+            consecutive_failures: 3,
+            on_disk: "previous",
+            next_attempt_secs: Some(1.5),
+            last_error: Some("nginx -t failed".into()),
+            ..apply("retrying")
+        };
+        let html = render(&r).unwrap();
         assert!(
-            html.contains("Apply mode lua: no generation confirmed by nginx yet; 2 failed push(es) in a row, last: nginx refused the push (401): &lt;bad secret&gt;"),
+            html.contains("<p class=\"bad\" id=\"apply\">Applying failed 3 time(s) in a row; the file on disk is the previous one; next attempt in 1.5 s: nginx -t failed</p>"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn lua_mode_shows_the_confirmed_generation_or_the_escaped_push_error() {
+        let mut r = report(vec![]);
+        r.apply_mode = crate::config::ApplyMode::Lua;
+        r.lua = Some(crate::controller::lua::LuaReport {
+            confirmed_generation: None,
+            master_pid: None,
+            failed_pushes: 2,
+            last_push_error: Some("nginx refused the push (401): <bad secret>".into()),
+        });
+        let html = render(&r).unwrap();
+        assert!(
+            html.contains("<p class=\"bad\" id=\"lua\">Apply mode lua: no generation confirmed by nginx yet; 2 failed push(es) in a row, last: nginx refused the push (401): &lt;bad secret&gt;</p>"),
+            "{html}"
+        );
+        r.lua = Some(crate::controller::lua::LuaReport {
+            confirmed_generation: Some(7),
+            master_pid: Some(42),
+            failed_pushes: 0,
+            last_push_error: None,
+        });
+        let html = render(&r).unwrap();
+        assert!(
+            html.contains("<p class=\"muted\" id=\"lua\">Apply mode lua: every worker of nginx master 42 holds generation 7</p>"),
             "{html}"
         );
     }

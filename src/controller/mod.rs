@@ -39,7 +39,7 @@ use crate::sources::SourceUpdate;
 use saved::Saver;
 use schedule::Schedule;
 use state::UpstreamState;
-use status::{ControllerHandle, LastApply, StatusReport, StatusRequest};
+use status::{ControllerHandle, LastApply, Pulse, StatusReport, StatusRequest};
 
 /// How many probes may be in flight at once, across every upstream.
 const MAX_CONCURRENT_PROBES: usize = 512;
@@ -142,6 +142,8 @@ pub struct Controller<N: Nginx> {
     saver: Option<Saver>,
     /// With `apply = "lua"`: the shell, the pusher and what nginx confirmed.
     lua: Option<lua::LuaState>,
+    /// Whether `state_dir` may be written (not in `once --dry-run`).
+    writes_state: bool,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -186,6 +188,7 @@ impl<N: Nginx> Controller<N> {
             gauges_stale: true,
             saver: None,
             lua: (cfg.nginx.apply == ApplyMode::Lua).then(|| lua::LuaState::new(&cfg.nginx, None)),
+            writes_state: true,
             cfg,
         }
     }
@@ -274,6 +277,15 @@ impl<N: Nginx> Controller<N> {
         }
     }
 
+    /// Answers a status question; the pulse costs nothing, only a report walks the state.
+    fn answer(&self, request: StatusRequest) {
+        // The asker may have given up waiting; nothing to do then.
+        let _ = match request {
+            StatusRequest::Report(tx) => tx.send(self.status_report()).map(drop).map_err(drop),
+            StatusRequest::Pulse(tx) => tx.send(Pulse { ready: self.ready }).map_err(drop),
+        };
+    }
+
     /// Runs until shutdown (`Mode::Run`) or one cycle is done (`Mode::Once`). Config reloads
     /// arrive on `reloads`, already validated.
     pub async fn run(
@@ -282,6 +294,7 @@ impl<N: Nginx> Controller<N> {
         mut reloads: mpsc::Receiver<Config>,
     ) -> Result<Outcome, ControllerError> {
         let started = Instant::now();
+        self.writes_state = !matches!(mode, Mode::Once { dry_run: true, .. });
         self.start_all();
         self.set_apply_gauges();
         let mut reloads_open = true;
@@ -323,8 +336,7 @@ impl<N: Nginx> Controller<N> {
                     continue;
                 }
                 Some(request) = self.status_rx.recv() => {
-                    // The asker may have given up waiting; nothing to do then.
-                    let _ = request.send(self.status_report());
+                    self.answer(request);
                     continue;
                 }
                 Some(update) = self.source_rx.recv() => self.on_source(update),

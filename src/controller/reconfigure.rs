@@ -1,6 +1,8 @@
 //! Starting upstreams and applying a reloaded config in place: which upstreams keep their
 //! source tasks, snapshots and verdicts, and which restart.
 
+use std::path::Path;
+
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -80,11 +82,22 @@ impl<N: Nginx> Controller<N> {
         }
     }
 
-    pub(super) fn start_all(&mut self) {
-        let dir = self.cfg.nginx.state_dir.as_deref();
+    /// Keeps snapshots in `dir` from now on (read-only in `once --dry-run`); nothing when
+    /// that is where they are kept already.
+    fn use_state_dir(&mut self, dir: Option<&Path>) {
         if self.saver.as_ref().map(Saver::dir) != dir {
-            self.saver = dir.map(Saver::start);
+            let open = if self.writes_state {
+                Saver::start
+            } else {
+                Saver::read_only
+            };
+            self.saver = dir.map(open);
         }
+    }
+
+    pub(super) fn start_all(&mut self) {
+        let dir = self.cfg.nginx.state_dir.clone();
+        self.use_state_dir(dir.as_deref());
         for u in self.cfg.upstreams.clone() {
             let (state, token) = self.start_upstream(u);
             self.upstreams.push(state);
@@ -135,10 +148,7 @@ impl<N: Nginx> Controller<N> {
                 ..self.cfg.nginx.clone()
             };
         }
-        let dir = cfg.nginx.state_dir.as_deref();
-        if self.saver.as_ref().map(Saver::dir) != dir {
-            self.saver = dir.map(Saver::start);
-        }
+        self.use_state_dir(cfg.nginx.state_dir.as_deref());
         let now = Instant::now();
         let mut old: Vec<(UpstreamState, CancellationToken)> = self
             .upstreams

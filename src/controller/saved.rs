@@ -208,7 +208,8 @@ pub fn decode(path: &Path, bytes: &[u8], identity: &str) -> Result<SavedSnapshot
 #[derive(Debug, Clone)]
 pub struct Saver {
     dir: PathBuf,
-    tx: mpsc::UnboundedSender<(PathBuf, Vec<u8>)>,
+    /// `None` when read-only ([`Saver::read_only`]): saving does nothing.
+    tx: Option<mpsc::UnboundedSender<(PathBuf, Vec<u8>)>>,
 }
 
 impl Saver {
@@ -237,7 +238,15 @@ impl Saver {
         });
         Self {
             dir: dir.to_owned(),
-            tx,
+            tx: Some(tx),
+        }
+    }
+
+    /// Reads the snapshots in `dir` and never writes, nor creates `dir` (`once --dry-run`).
+    pub fn read_only(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            tx: None,
         }
     }
 
@@ -260,7 +269,7 @@ impl Saver {
         }
     }
 
-    /// Queues a write of a source's snapshot.
+    /// Queues a write of a source's snapshot; nothing when read-only.
     pub fn save(
         &self,
         upstream: &UpstreamName,
@@ -268,9 +277,10 @@ impl Saver {
         identity: &str,
         endpoints: &[Endpoint],
     ) {
+        let Some(tx) = &self.tx else { return };
         let path = self.dir.join(file_name(upstream, label));
         let bytes = encode(upstream, label, identity, endpoints, SystemTime::now());
-        if self.tx.send((path, bytes)).is_err() {
+        if tx.send((path, bytes)).is_err() {
             tracing::warn!("The snapshot writer is gone; the snapshot was not saved.");
         }
     }
@@ -370,5 +380,30 @@ mod tests {
             .collect();
         assert_eq!(names, ["kotaemon.consul.json"], "no temp file left");
         assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_read_only_saver_loads_what_a_run_saved_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = state.join("kotaemon.consul.json");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(
+            &path,
+            encode(&name(), "consul", "id", &endpoints(), SystemTime::now()),
+        )
+        .unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let saver = Saver::read_only(&state);
+        let loaded = saver.load(&name(), "consul", "id").unwrap().unwrap();
+        assert_eq!(loaded.endpoints.len(), 2);
+        saver.save(&name(), "consul", "id", &endpoints()[..1]);
+        saver.save(&name(), "other", "id", &endpoints()[..1]);
+        tokio::task::yield_now().await;
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read_dir(&state).unwrap().count(), 1);
+        let missing = dir.path().join("missing");
+        Saver::read_only(&missing);
+        assert!(!missing.exists());
     }
 }

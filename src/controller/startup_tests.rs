@@ -98,6 +98,8 @@ async fn systemd_hears_ready_with_what_is_missing_once_the_startup_deadline_pass
         .await
         .expect("the loop still answers");
     assert!(!report.ready, "/readyz waits for the first file");
+    let pulse = handle.pulse(Duration::from_secs(5)).await;
+    assert_eq!(pulse.map(|p| p.ready), Some(false), "so does the pulse");
     assert!(!dir.path().join("upstreams.conf").exists());
 
     shutdown.cancel();

@@ -291,8 +291,22 @@ impl LastApply {
     }
 }
 
-/// A request for the current status, answered by the controller loop.
-pub type StatusRequest = oneshot::Sender<StatusReport>;
+/// What `/healthz` and `/readyz` need: that the loop answers, and whether it is ready. The
+/// loop answers it without building a [`StatusReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pulse {
+    /// Every source delivered and the first apply succeeded.
+    pub ready: bool,
+}
+
+/// A question for the controller loop, answered on its oneshot.
+#[derive(Debug)]
+pub enum StatusRequest {
+    /// The whole report (`/status`, the page).
+    Report(oneshot::Sender<StatusReport>),
+    /// Only the pulse (`/healthz`, `/readyz`).
+    Pulse(oneshot::Sender<Pulse>),
+}
 
 /// Asks the running controller for its status; a clone per consumer (admin server, notifier).
 #[derive(Debug, Clone)]
@@ -308,11 +322,25 @@ impl ControllerHandle {
     }
 
     /// The controller's status, or `None` when it does not answer within `timeout` (the loop
-    /// is stuck or gone: that is what `/healthz` reports).
+    /// is stuck or gone).
     pub async fn status(&self, timeout: Duration) -> Option<StatusReport> {
+        self.ask(timeout, StatusRequest::Report).await
+    }
+
+    /// The controller's pulse, or `None` when it does not answer within `timeout` (the loop
+    /// is stuck or gone: that is what `/healthz` reports).
+    pub async fn pulse(&self, timeout: Duration) -> Option<Pulse> {
+        self.ask(timeout, StatusRequest::Pulse).await
+    }
+
+    async fn ask<T>(
+        &self,
+        timeout: Duration,
+        request: impl FnOnce(oneshot::Sender<T>) -> StatusRequest,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         tokio::time::timeout(timeout, async {
-            self.tx.send(tx).await.ok()?;
+            self.tx.send(request(tx)).await.ok()?;
             rx.await.ok()
         })
         .await

@@ -272,6 +272,26 @@ async fn a_failed_apply_is_retried_with_a_growing_backoff_until_it_succeeds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_pulse_says_ready_only_once_the_first_file_is_applied() {
+    let l = Loop::start(
+        &["127.0.0.2:80"],
+        "settle = \"10ms\"\nmin_reload_interval = \"10ms\"",
+        1,
+    );
+    l.wait_calls("test", 1).await;
+    let pulse = l.handle.pulse(Duration::from_secs(5)).await;
+    assert_eq!(
+        pulse.map(|p| p.ready),
+        Some(false),
+        "the first apply failed"
+    );
+    l.wait_calls("reload", 1).await;
+    let pulse = l.handle.pulse(Duration::from_secs(5)).await;
+    assert_eq!(pulse.map(|p| p.ready), Some(true));
+    assert!(l.status().await.ready, "the report agrees");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retry_counts_its_backoff_from_the_end_of_a_slow_failed_reload() {
     let l = Loop::start(
         &["127.0.0.2:80"],

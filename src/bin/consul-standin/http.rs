@@ -163,6 +163,17 @@ fn flag(pairs: &[(String, String)], key: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// The required `enable` of a maintenance call, as Consul reads it.
+fn maintenance_enable(pairs: &[(String, String)]) -> Result<bool, ApiError> {
+    if param(pairs, "enable").is_none() {
+        return Err(ApiError {
+            status: 400,
+            message: "Missing value for enable".into(),
+        });
+    }
+    flag(pairs, "enable")
+}
+
 /// A Go duration (`"5s"`, `"100ms"`, `"1m30s"`, `"1.5s"`).
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let mut rest = s;
@@ -312,10 +323,7 @@ async fn service_maintenance(
     RawQuery(q): RawQuery,
 ) -> Response {
     let pairs = query_pairs(q.as_deref());
-    if param(&pairs, "enable").is_none() {
-        return (StatusCode::BAD_REQUEST, "Missing value for enable").into_response();
-    }
-    let enable = match flag(&pairs, "enable") {
+    let enable = match maintenance_enable(&pairs) {
         Ok(e) => e,
         Err(e) => return api_error(e),
     };
@@ -327,10 +335,7 @@ async fn service_maintenance(
 
 async fn node_maintenance(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
     let pairs = query_pairs(q.as_deref());
-    if param(&pairs, "enable").is_none() {
-        return (StatusCode::BAD_REQUEST, "Missing value for enable").into_response();
-    }
-    let enable = match flag(&pairs, "enable") {
+    let enable = match maintenance_enable(&pairs) {
         Ok(e) => e,
         Err(e) => return api_error(e),
     };
