@@ -3,14 +3,12 @@
 //! that fails, file modes, and what the admin server binds. Each test asserts what an
 //! operator sees: nginx's reload count, the file's bytes, `/status`, `/metrics`, the log.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 
 const SHORT: Duration = Duration::from_secs(15);
 
@@ -36,19 +34,6 @@ fn wait_reloads(admin: &str, result: &str, n: f64) {
     );
 }
 
-fn replace_line(cfg: &str, key: &str, line: &str) -> String {
-    cfg.lines()
-        .map(|l| {
-            if l.starts_with(&format!("{key} = ")) {
-                line
-            } else {
-                l
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn three() -> [Replica; 3] {
     [
         Replica::start("alpha"),
@@ -66,15 +51,13 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("nginx.pid");
     std::fs::write(&pid_file, format!("{}\n", bystander.0.id())).unwrap();
-    let cfg = static_config(&nginx, "kotaemon", &[&replicas[0], &replicas[1]], "", "");
-    let cfg = replace_line(
-        &cfg,
-        "pid_file",
-        &format!("pid_file = \"{}\"", pid_file.display()),
-    );
-    let (cfg, admin) = with_admin(cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &[&replicas[0], &replicas[1]])
+        .nginx_path("pid_file", &pid_file)
+        .admin_port0()
+        .to_toml();
     let original = nginx.rendered();
     let mut daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
 
     // 1. A running process that is not nginx: refused, alive, nothing reloaded, rolled back.
     wait_reloads(&admin, "signal_failed", 1.0);
@@ -142,7 +125,7 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
 
 /// The built-in template plus an invalid directive whenever exactly one server is down.
 fn template_invalid_with_one_down(dir: &Path) -> std::path::PathBuf {
-    let builtin = include_str!("../templates/upstream.conf.j2");
+    let builtin = include_str!("../../templates/upstream.conf.j2");
     let marker = "{% if u.keepalive > 0 %}";
     assert!(builtin.contains(marker));
     let text = builtin.replacen(
@@ -164,15 +147,12 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
     let _report = report_on_failure(&nginx);
     let dir = tempfile::tempdir().unwrap();
     let template = template_invalid_with_one_down(dir.path());
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        &format!("template = \"{}\"", template.display()),
-        "",
-    );
-    let (cfg, admin) = with_admin(cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .nginx_path("template", &template)
+        .admin_port0()
+        .to_toml();
     let daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
     wait_reloads(&admin, "ok", 1.0);
     let good = nginx.rendered();
     assert!(!good.contains("no_such_directive"));
@@ -190,10 +170,7 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
         "nginx -t's stderr is kept: {error}"
     );
     assert!(error.contains("the previous file was restored"), "{error}");
-    assert!(daemon
-        .output
-        .text()
-        .contains("Could not apply the new upstream file"));
+    daemon.wait_log("Could not apply the new upstream file");
     // The rejected text is retried with backoff (the site may be fixed meanwhile), and a
     // failed test signals nothing: no reload storm.
     wait_for("a retry of the rejected text", SHORT, || {
@@ -220,20 +197,15 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     let _report = report_on_failure(&nginx);
     let dir = tempfile::tempdir().unwrap();
     let template = template_invalid_with_one_down(dir.path());
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        &format!(
-            "template = \"{}\"\nconfirm_timeout = \"1s\"",
-            template.display()
-        ),
-        "",
-    );
     // No test command: the bad file reaches nginx, which refuses it on SIGHUP.
-    let cfg = replace_line(&cfg, "test_command", "test_command = []");
-    let (cfg, admin) = with_admin(cfg);
-    let _daemon = Daemon::start(&cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .nginx_path("template", &template)
+        .nginx("confirm_timeout", "1s")
+        .nginx("test_command", Vec::<String>::new())
+        .admin_port0()
+        .to_toml();
+    let daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
     wait_reloads(&admin, "ok", 1.0);
     let good = nginx.rendered();
 
@@ -270,14 +242,12 @@ fn a_write_that_fails_keeps_nginx_and_the_daemon_and_recovers() {
     let blocker = nginx.dir.path().join("conf/blocked");
     std::fs::write(&blocker, "a file, not a directory").unwrap();
     let output = blocker.join("upstreams.conf");
-    let cfg = static_config(&nginx, "kotaemon", &[&replicas[0], &replicas[1]], "", "");
-    let cfg = replace_line(
-        &cfg,
-        "output",
-        &format!("output = \"{}\"", output.display()),
-    );
-    let (cfg, admin) = with_admin(cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &[&replicas[0], &replicas[1]])
+        .nginx_path("output", &output)
+        .admin_port0()
+        .to_toml();
     let mut daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
 
     wait_reloads(&admin, "write_failed", 1.0);
     let st = admin_status(&admin);
@@ -312,18 +282,16 @@ fn the_file_keeps_its_mode_and_a_new_one_is_0644_whatever_the_umask() {
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     std::fs::set_permissions(nginx.output(), std::fs::Permissions::from_mode(0o640)).unwrap();
-    let cfg = static_config(&nginx, "kotaemon", &[&replicas[0]], "", "");
-    let (cfg, admin) = with_admin(cfg);
-    let daemon = Daemon::start(&cfg);
-    wait_reloads(&admin, "ok", 1.0);
+    let cfg = Config::static_list(&nginx, "kotaemon", &[&replicas[0]]);
+    let daemon = Daemon::start(&cfg.clone().admin_port0().to_toml());
+    wait_reloads(&daemon.admin(), "ok", 1.0);
     assert!(nginx.rendered().contains(&replicas[0].addr));
     assert_eq!(mode_of(&nginx.output()), 0o640, "the previous mode is kept");
     drop(daemon);
 
     // A file that does not exist yet, written by `once` under a umask of 077.
     let fresh = nginx.dir.path().join("conf/fresh.conf");
-    let cfg = replace_line(&cfg, "output", &format!("output = \"{}\"", fresh.display()));
-    let (_dir, path) = write_config(&cfg.replace(&format!("listen = \"{admin}\""), ""));
+    let (_dir, path) = write_config(&cfg.nginx_path("output", &fresh).to_toml());
     let out = Command::new("sh")
         .args([
             "-c",
@@ -345,9 +313,12 @@ fn the_file_keeps_its_mode_and_a_new_one_is_0644_whatever_the_umask() {
 fn the_admin_server_binds_exactly_its_listen_address() {
     let replicas = [Replica::start("alpha")];
     let nginx = Nginx::start("kotaemon");
-    let cfg = static_config(&nginx, "kotaemon", &[&replicas[0]], "", "");
-    let (cfg, admin) = with_admin(cfg);
-    let _daemon = Daemon::start(&cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &[&replicas[0]])
+        .admin_port0()
+        .to_toml();
+    let daemon = Daemon::start(&cfg);
+    // The port the kernel picked, as the daemon logged it.
+    let admin = daemon.admin();
     wait_for("the admin server", SHORT, || {
         http_get(&admin, "/healthz", SHORT).is_some()
     });
@@ -360,7 +331,7 @@ fn the_admin_server_binds_exactly_its_listen_address() {
 
     // Without [admin] there is no admin server at all.
     let nginx2 = Nginx::start("kotaemon");
-    let cfg = static_config(&nginx2, "kotaemon", &[&replicas[0]], "", "");
+    let cfg = Config::static_list(&nginx2, "kotaemon", &[&replicas[0]]).to_toml();
     let daemon = Daemon::start(&cfg);
     wait_for("the first reload", SHORT, || nginx2.reloads() == 1);
     assert!(!daemon.output.text().contains("Admin server listening"));

@@ -1,7 +1,7 @@
 //! Simulated Kotaemon users holding sessions through nginx, and the count of who moved.
 //!
-//! Shared by `tests/affinity.rs` and the `affinity` benchmark scenario (include it with
-//! `#[path = ".../tests/support/sessions.rs"] mod sessions;`). Each user is a browser: its own
+//! Shared by `tests/it/affinity.rs` and the `affinity` benchmark scenario (include it with
+//! `#[path = ".../tests/it/util/sessions.rs"] mod sessions;`). Each user is a browser: its own
 //! cookie jar, its own client address (127.0.1.N, so that first visits spread over the
 //! consistent hash as distinct clients would), no connection reuse (so every request meets the
 //! current nginx workers). A chat is what KOTAEMON.md describes: `GET /` (the page, which
@@ -9,7 +9,6 @@
 //! stand-in's answer names the replica that streamed it. A test splits a chat around a
 //! membership change (`join_all`, change, `stream_all`) to catch a join and its stream landing
 //! on different replicas, as a real reload does to chats in flight.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};

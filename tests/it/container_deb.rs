@@ -1,18 +1,16 @@
 //! The Debian package as a VM user meets it: `apt-get install ./upstreamd_….deb` on Debian 12
-//! with systemd and Debian's nginx (tests/common/vm.rs), edit the config, start the unit, see
+//! with systemd and Debian's nginx (tests/it/util/vm.rs), edit the config, start the unit, see
 //! traffic through nginx, then `apt-get purge` and find nothing left behind.
 //!
 //! The package is `$UPSTREAMD_DEB` when set (CI's release .deb); otherwise `cargo deb
 //! --no-build --profile dev` packages the debug build this test run made, in seconds rather
 //! than a release build's minutes. Needs the Docker engine and cargo-deb.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::docker::run_ok;
-use common::vm::{fast_probes, names, replica_addr, Vm, CONFIG, INCLUDE};
+use crate::util::docker::run_ok;
+use crate::util::vm::{fast_probes, names, replica_addr, Vm, CONFIG, INCLUDE};
 
 /// The .deb to test: `$UPSTREAMD_DEB`, or one packaged now from the debug build.
 fn package(out: &std::path::Path) -> PathBuf {
@@ -22,7 +20,7 @@ fn package(out: &std::path::Path) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let printed = run_ok(
         Command::new(cargo)
-            .current_dir(common::docker::repo())
+            .current_dir(crate::util::docker::repo())
             .args([
                 "deb",
                 "--no-build",

@@ -1,21 +1,17 @@
 //! Affinity that names the replica, end to end: a real etcd, stand-in Kotaemon replicas, the
 //! real `upstreamd run` with `balance = "sticky"`, a real nginx running the shipped
 //! `examples/nginx/kotaemon-site.conf` on the compose bootstrap include, and simulated users
-//! holding sessions (`tests/support/sessions.rs`) while the membership changes. What a user
+//! holding sessions (`tests/it/util/sessions.rs`) while the membership changes. What a user
 //! sees is counted: who lands on a replica other than their own, and which chats fail.
-//! Figures print as `figure: …` (`cargo test --test affinity -- --nocapture`).
-
-mod common;
-#[path = "support/sessions.rs"]
-mod sessions;
+//! Figures print as `figure: …` (`cargo test --test it affinity:: -- --nocapture`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::etcd::Etcd;
-use common::*;
+use crate::util::etcd::Etcd;
+use crate::util::sessions::{Tally, Users};
+use crate::util::*;
 use etcd_client::Client;
-use sessions::{Tally, Users};
 
 const PREFIX: &str = "/services/kotaemon/";
 const USERS: usize = 30;
@@ -43,16 +39,16 @@ fn site_nginx() -> Nginx {
 }
 
 fn config(nginx: &Nginx, etcd: &Etcd, secret: &std::path::Path) -> String {
-    format!(
-        "{}\n[[upstream]]\nname = \"kotaemon\"\nbalance = \"sticky\"\naffinity_cookie = \"kh_affinity\"\n\
-         affinity_secret_file = \"{}\"\n\n[upstream.health]\npath = \"/queue/status\"\n\
-         interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\n\
-         [[upstream.source]]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
-         connect_timeout = \"1s\"\nrequest_timeout = \"1s\"\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        secret.display(),
-        etcd.url()
-    )
+    Config::new(nginx)
+        .upstream(
+            Upstream::new("kotaemon")
+                .set("balance", "sticky")
+                .set("affinity_cookie", "kh_affinity")
+                .set("affinity_secret_file", secret.display().to_string())
+                .probe("/queue/status")
+                .etcd_1s(&etcd.url(), PREFIX),
+        )
+        .to_toml()
 }
 
 /// The replicas an affinity id routes to in the rendered file (one group each).

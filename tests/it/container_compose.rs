@@ -6,15 +6,15 @@
 //! published port, nginx's reload count (its error log, on the container's stderr), the
 //! include both containers see, and Consul's API.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::docker::{compose_available, engine_available, image_from, repo, run, run_ok, Compose};
-use common::{http_get, http_request, wait_for};
+use crate::util::docker::{
+    compose_available, engine_available, image_from, repo, run, run_ok, Compose,
+};
+use crate::util::{http_get, http_request, wait_for};
 
 /// nginx's published port (docker-compose.yml: `8080:80`).
 const NGINX: &str = "127.0.0.1:8080";

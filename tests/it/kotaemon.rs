@@ -1,12 +1,10 @@
 //! Kotaemon behind nginx: the shipped server block passes `nginx -t`, and streamed chats
 //! complete through nginx with `balance = "sticky"` (and break with round robin).
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 
 /// A private nginx running the shipped `examples/nginx/kotaemon-site.conf`.
 struct SiteNginx {
@@ -120,7 +118,8 @@ impl Drop for SiteNginx {
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::SIGQUIT,
             );
-            std::thread::sleep(Duration::from_millis(100));
+            // Gone within the wait or not, it is killed and reaped next.
+            let _ = wait_exit(c, Duration::from_secs(2));
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -235,13 +234,12 @@ async fn sticky_chats_complete_through_the_shipped_server_block_and_round_robin_
         .trim()
         .parse()
         .unwrap();
+    let old_workers = children(pid as u32);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP).unwrap();
-    wait_for("the reload", Duration::from_secs(5), || {
-        std::fs::read_to_string(site.dir.path().join("logs/error.log"))
-            .unwrap_or_default()
-            .contains("signal 1 (SIGHUP)")
+    wait_for("the new workers alone", Duration::from_secs(5), || {
+        let now = children(pid as u32);
+        !now.is_empty() && now.iter().all(|w| !old_workers.contains(w))
     });
-    std::thread::sleep(Duration::from_millis(200));
     let rr = chats(&base, 10).await;
     let rr_ok = rr.iter().filter(|r| r.is_ok()).count();
     eprintln!("figure: chats completed: sticky 10/10, round robin {rr_ok}/10");

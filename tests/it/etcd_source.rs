@@ -2,17 +2,15 @@
 //! an outage with restart, a compaction past the watch, auth and TLS.
 //!
 //! Each test starts its own etcd on free loopback ports with a temporary data dir
-//! (`tests/common/etcd.rs`), drives an `EtcdWatch` into an mpsc channel and asserts the snapshots.
-//! Measured latencies are printed (`cargo test --test etcd_source -- --nocapture`).
-
-mod common;
+//! (`tests/it/util/etcd.rs`), drives an `EtcdWatch` into an mpsc channel and asserts the snapshots.
+//! Measured latencies are printed (`cargo test --test it etcd_source:: -- --nocapture`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
+use crate::util::etcd::Etcd;
 use etcd_client::{Client, ConnectOptions, Permission, PutOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -420,7 +418,16 @@ async fn a_compaction_past_a_slow_watch_relists_to_the_right_membership() {
     // Two changes: the first snapshot fills the channel, the second send blocks.
     c.put("/svc/c/d", "10.0.0.4:80", None).await.unwrap();
     c.put("/svc/c/e", "10.0.0.5:80", None).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the first is in the channel, the source cannot deliver the second: it stops
+    // reading its watch.
+    let deadline = Instant::now() + 5 * SECOND;
+    while run.rx.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot in the channel within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ~24 MB of events fill the HTTP/2 window, the sockets and gRPC's buffers; then etcd's
     // watch channel (128 responses) fills and the watcher becomes a slow "victim".
     let pad = format!(

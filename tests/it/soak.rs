@@ -3,7 +3,7 @@
 //! (`UPSTREAMD_SOAK_SECS`, default 180); run it with
 //!
 //! ```sh
-//! UPSTREAMD_SOAK_SECS=600 cargo test --test soak -- --ignored --nocapture
+//! UPSTREAMD_SOAK_SECS=600 cargo test --test it soak:: -- --ignored --nocapture
 //! ```
 //!
 //! The churn: a Consul registration added and removed every 150 ms, a replica flapping its
@@ -12,12 +12,10 @@
 //! RSS and the fd count must stay flat: a leak per change (a task, a connection, a buffer per
 //! reload) shows up as steady growth over thousands of changes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::consul::{instance, Lane, Registry, SERVICE};
-use common::*;
+use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -58,16 +56,23 @@ async fn rss_and_open_fds_stay_flat_through_thousands_of_membership_changes() {
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "{}\n[admin]\nlisten = \"{admin}\"\n\n[[upstream]]\nname = \"kotaemon\"\nmax_shrink = 0.9\n\n\
-         [upstream.health]\npath = \"/queue/status\"\ninterval = \"100ms\"\ntimeout = \"80ms\"\n\
-         rise = 1\nfall = 1\n\n[[upstream.source]]\nkind = \"consul\"\nurl = \"{}\"\n\
-         service = \"{SERVICE}\"\nwait = \"5s\"\n",
-        nginx.nginx_section("settle = \"20ms\"\nmin_reload_interval = \"50ms\""),
-        reg.url
-    );
+    let cfg = Config::new(&nginx)
+        .nginx("settle", "20ms")
+        .nginx("min_reload_interval", "50ms")
+        .admin_port0()
+        .upstream(
+            Upstream::new("kotaemon")
+                .set("max_shrink", 0.9)
+                .probe("/queue/status")
+                .consul(&reg.url, SERVICE, "5s"),
+        )
+        .health("interval", "100ms")
+        .health("timeout", "80ms")
+        .health("rise", 1)
+        .health("fall", 1)
+        .to_toml();
     let mut daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
     first_apply(&nginx, &daemon);
     let pid = daemon.pid().as_raw();
 

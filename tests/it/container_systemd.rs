@@ -1,16 +1,14 @@
 //! systemd/upstreamd.service under real systemd (PID 1 in a Debian 12 container) beside
 //! Debian's own nginx.service, with the host-built upstreamd, the Consul stand-in and three
-//! stand-in Kotaemon replicas copied in (tests/common/vm.rs). What a VM user sees:
+//! stand-in Kotaemon replicas copied in (tests/it/util/vm.rs). What a VM user sees:
 //! `systemctl start` returning on readiness, the `STATUS=` line, reloads, the watchdog,
 //! traffic through nginx.
 //!
 //! Needs the Docker engine (skipped without it, unless `UPSTREAMD_REQUIRE_DOCKER=1`).
 
-mod common;
-
 use std::time::Duration;
 
-use common::vm::{config, names, replace_once, replica_addr, Vm, CONFIG, INCLUDE};
+use crate::util::vm::{config, names, replace_once, replica_addr, Vm, CONFIG, INCLUDE};
 
 #[test]
 fn the_unit_starts_on_readiness_reports_status_and_applies_through_its_sandbox() {

@@ -341,6 +341,33 @@ impl Registry {
         serde_json::from_str(&resp.text().await.unwrap()).unwrap()
     }
 
+    /// Waits until the client blocks on the catalog's current index: the stand-in's last
+    /// health query carries the index it answers with now (`?index=N&…`), so the next change
+    /// wakes that query. A real agent does not show its held queries: there this pauses
+    /// 300 ms instead, the one fixed wait left in the harness.
+    pub async fn wait_blocked(&self) {
+        if self.lane == Lane::RealConsul {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.stats().await;
+            let blocked = st["last_health_query"]
+                .as_str()
+                .is_some_and(|q| q.contains(&format!("index={}&", st["index"])));
+            if blocked {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no query blocked on index {} within 10 s: {st}",
+                st["index"]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stand-in only: how many `/v1/health/` requests it has answered or refused.
     pub async fn health_requests(&self) -> u64 {
         self.stats().await["health_requests"].as_u64().unwrap()

@@ -5,34 +5,38 @@
 //! Every test runs against `consul-standin`; those that need no fault injection also run
 //! against a real `consul agent -dev` when `consul` is on PATH (otherwise that lane prints
 //! `skipped: …` and passes). Measured figures are printed as `figure: …`
-//! (`cargo test --test consul_e2e -- --nocapture`).
+//! (`cargo test --test it consul_e2e:: -- --nocapture`).
 //!
 //! The test bodies are async for the registry client; waits on nginx and the daemon block the
 //! test's own thread (the runtime's worker drives the client's connections meanwhile).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::consul::{instance, Lane, Registry, SERVICE};
-use common::*;
+use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::*;
 use serde_json::{json, Value};
 
 const SHORT: Duration = Duration::from_secs(10);
 
-/// The daemon's config: upstream `kotaemon` from `reg`'s service, probed fast (or not at all).
-fn config(nginx: &Nginx, reg: &Registry, probes: bool, extra_source: &str) -> String {
-    let health = if probes {
-        "path = \"/queue/status\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2"
+/// The daemon's config: upstream `kotaemon` from `reg`'s service, probed fast (or not at all),
+/// with the admin server on port 0.
+fn config(nginx: &Nginx, reg: &Registry, probes: bool) -> Config {
+    let upstream = Upstream::new("kotaemon");
+    let upstream = if probes {
+        upstream.probe("/queue/status")
     } else {
-        "enabled = false"
+        upstream
     };
-    format!(
-        "{}\n[[upstream]]\nname = \"kotaemon\"\n\n[upstream.health]\n{health}\n\n\
-         [[upstream.source]]\nkind = \"consul\"\nurl = \"{}\"\nservice = \"{SERVICE}\"\nwait = \"2s\"\n{extra_source}\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        reg.url
-    )
+    Config::new(nginx)
+        .admin_port0()
+        .upstream(upstream.consul(&reg.url, SERVICE, "2s"))
+}
+
+const SENT: &str = "Consul blocking query sent.";
+
+/// How many blocking queries the daemon has sent.
+fn queries(daemon: &Daemon) -> usize {
+    daemon.output.text().matches(SENT).count()
 }
 
 /// A registration of `replica` under service ID `id`, at its own address.
@@ -94,7 +98,7 @@ async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
         .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
 
     first_apply(&nginx, &daemon);
     let want = in_render_order(vec![
@@ -108,7 +112,7 @@ async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
         "all three replicas to serve",
         exactly(&["alpha", "bravo", "charlie"]),
     );
-    assert_quiet(&nginx, &mut daemon, Duration::from_secs(1), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
 }
 
 async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(lane: Lane) {
@@ -125,11 +129,11 @@ async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(la
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
-    // Let the daemon settle into its blocking query.
-    std::thread::sleep(Duration::from_millis(300));
+    // The daemon blocks on its next query (the first answered with alpha and bravo).
+    reg.wait_blocked().await;
 
     let t = Instant::now();
     reg.register(registration("charlie", &replicas[2], json!({})))
@@ -148,7 +152,7 @@ async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(la
         exactly(&["alpha", "bravo", "charlie"]),
     );
 
-    std::thread::sleep(Duration::from_millis(300));
+    reg.wait_blocked().await;
     let t = Instant::now();
     reg.deregister("alpha").await;
     wait_for("alpha to leave the file", SHORT, || {
@@ -170,7 +174,7 @@ async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(la
         nginx.rendered()
     );
     wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 3);
+    assert_quiet(&nginx, &mut daemon, 3);
 }
 
 async fn maintenance_renders_down_and_back(lane: Lane) {
@@ -187,7 +191,7 @@ async fn maintenance_renders_down_and_back(lane: Lane) {
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     nginx.wait_spread(
         30,
@@ -214,7 +218,7 @@ async fn maintenance_renders_down_and_back(lane: Lane) {
         exactly(&["alpha", "bravo", "charlie"]),
     );
     wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 3);
+    assert_quiet(&nginx, &mut daemon, 3);
 }
 
 async fn with_probes_off_consul_alone_decides(lane: Lane) {
@@ -229,7 +233,7 @@ async fn with_probes_off_consul_alone_decides(lane: Lane) {
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, false, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, false).to_toml());
     first_apply(&nginx, &daemon);
     assert_eq!(
         server_lines(&nginx.rendered()),
@@ -244,7 +248,7 @@ async fn with_probes_off_consul_alone_decides(lane: Lane) {
     });
     nginx.wait_spread(20, "only alpha to serve", exactly(&["alpha"]));
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
     assert!(
         !daemon.output.text().contains("Endpoint health changed."),
         "nothing was probed:\n{}",
@@ -268,7 +272,7 @@ async fn an_instance_without_an_address_gets_the_node_address(lane: Lane) {
         .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     assert!(
         server_lines(&nginx.rendered()).contains(&server(&nodal, "")),
@@ -276,7 +280,7 @@ async fn an_instance_without_an_address_gets_the_node_address(lane: Lane) {
         nodal.addr
     );
     nginx.wait_spread(20, "both to serve", exactly(&["alpha", "nodal"]));
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
 }
 
 async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: Lane) {
@@ -298,7 +302,7 @@ async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: La
     .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     assert_eq!(server_lines(&nginx.rendered()), [server(&replicas[0], "")]);
     nginx.wait_spread(20, "alpha alone to serve", exactly(&["alpha"]));
@@ -321,7 +325,7 @@ async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: La
             .any(|l| l.contains(warning) && l.contains("weight")),
         "the warning says why:\n{log}"
     );
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }
 
 async fn the_token_is_sent_and_never_logged(lane: Lane) {
@@ -337,12 +341,8 @@ async fn the_token_is_sent_and_never_logged(lane: Lane) {
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(
-        &nginx,
-        &reg,
-        true,
-        &format!("token_file = \"{}\"", token_file.display()),
-    ));
+    let cfg = config(&nginx, &reg, true).source("token_file", token_file.display().to_string());
+    let mut daemon = Daemon::start(&cfg.to_toml());
     first_apply(&nginx, &daemon);
     reg.register(registration("bravo", &replicas[1], json!({})))
         .await;
@@ -360,7 +360,6 @@ async fn the_token_is_sent_and_never_logged(lane: Lane) {
 }
 
 async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
-    const SENT: &str = "Consul blocking query sent.";
     let Some(reg) = Registry::start(lane, None).await else {
         return;
     };
@@ -370,25 +369,28 @@ async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
 
-    let quiet = Duration::from_secs(3);
-    let logged = daemon.output.text().matches(SENT).count();
+    // The daemon's own probes are the clock: 30 of them at 200 ms over two replicas are
+    // about 3 s of its time, one or two blocking queries' wait.
+    let logged = queries(&daemon);
     let served = match lane {
         Lane::Standin => reg.health_requests().await,
         Lane::RealConsul => 0,
     };
-    assert_quiet(&nginx, &mut daemon, quiet, 1);
-    let sent = daemon.output.text().matches(SENT).count() - logged;
-    println!(
-        "figure: consul quiet service: {sent} requests in {quiet:?} with wait = 2s ({lane:?})"
-    );
+    let (probes, _) = daemon.activity();
+    wait_for("30 more probes", SHORT, || {
+        daemon.activity().0 >= probes + 30.0
+    });
+    let sent = queries(&daemon) - logged;
+    assert_quiet(&nginx, &mut daemon, 1);
+    println!("figure: consul quiet service: {sent} requests in 30 probe rounds with wait = 2s ({lane:?})");
     // One blocking query per wait (2s, plus up to wait/16 of server jitter).
     assert!(
         (1..=3).contains(&sent),
-        "blocking queries, not a poll loop: {sent} in {quiet:?}"
+        "blocking queries, not a poll loop: {sent} in 30 probe rounds"
     );
     if lane == Lane::Standin {
         let at_server = reg.health_requests().await - served;
@@ -409,7 +411,7 @@ async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) 
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
 
     // SIGHUP restarts the source; it lists the same service again.
@@ -417,7 +419,7 @@ async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) 
     wait_for("the config reload", SHORT, || {
         daemon.output.text().contains("Configuration reloaded.")
     });
-    assert_quiet(&nginx, &mut daemon, Duration::from_secs(1), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
 
     // The restarted source still follows the service.
     reg.deregister("alpha").await;
@@ -427,7 +429,7 @@ async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) 
         exactly(&["bravo", "charlie"]),
     );
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }
 
 async fn an_empty_service_renders_the_placeholder_until_the_first_registration(lane: Lane) {
@@ -437,7 +439,7 @@ async fn an_empty_service_renders_the_placeholder_until_the_first_registration(l
     let alpha = Replica::start("alpha");
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     assert_eq!(
         server_lines(&nginx.rendered()),
@@ -450,7 +452,7 @@ async fn an_empty_service_renders_the_placeholder_until_the_first_registration(l
     nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
     assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,13 +470,17 @@ async fn after_an_index_reset_changes_still_arrive() {
         .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
-    std::thread::sleep(Duration::from_millis(300));
+    reg.wait_blocked().await;
 
     // The index drops below the one the daemon blocks on, as after a snapshot restore.
     reg.fault("reset-index").await;
-    std::thread::sleep(Duration::from_millis(300));
+    // It sees the index go back, asks again from 0, and blocks on the new index.
+    wait_for("the index to go back", SHORT, || {
+        daemon.output.text().contains("went backwards")
+    });
+    reg.wait_blocked().await;
     let t = Instant::now();
     reg.register(registration("bravo", &replicas[1], json!({})))
         .await;
@@ -484,7 +490,7 @@ async fn after_an_index_reset_changes_still_arrive() {
         exactly(&["alpha", "bravo"]),
     );
     let first = t.elapsed();
-    std::thread::sleep(Duration::from_millis(300));
+    reg.wait_blocked().await;
     let t = Instant::now();
     reg.register(registration("charlie", &replicas[2], json!({})))
         .await;
@@ -501,9 +507,9 @@ async fn after_an_index_reset_changes_still_arrive() {
     );
     // Sooner than the 2s wait: a woken query, not one that timed out.
     assert!(second < Duration::from_secs(1), "{second:?}");
-    assert!(daemon.output.text().contains("went backwards"));
+    daemon.wait_log("went backwards");
     wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 3);
+    assert_quiet(&nginx, &mut daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -519,7 +525,7 @@ async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
     }
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true, ""));
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
     first_apply(&nginx, &daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
     let bytes = std::fs::read(nginx.output()).unwrap();
@@ -560,7 +566,7 @@ async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
     );
     // Retry backoff is capped at 3s; then one blocking query and one reload.
     assert!(recovery < Duration::from_secs(4), "{recovery:?}");
-    assert!(daemon.output.text().contains("Source recovered."));
+    daemon.wait_log("Source recovered.");
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }

@@ -1,32 +1,31 @@
 //! etcd → upstreamd → a real nginx, end to end: a real etcd 3.4, stand-in Kotaemon replicas
 //! registered under a prefix, the real `upstreamd run`, and what a user sees — traffic
 //! through nginx, the reload count, the bytes of the include file, the daemon still running.
-//! Measured figures are printed as `figure: …` (`cargo test --test etcd_e2e -- --nocapture`).
+//! Measured figures are printed as `figure: …` (`cargo test --test it etcd_e2e:: -- --nocapture`).
 //!
 //! The test bodies are async for the etcd client; waits on nginx and the daemon block the
 //! test's own thread (the runtime's worker drives the client's connections meanwhile).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
-use common::*;
+use crate::util::etcd::Etcd;
+use crate::util::*;
 use etcd_client::{Client, PutOptions};
 
 const SHORT: Duration = Duration::from_secs(10);
 const PREFIX: &str = "/services/kotaemon/";
 
-/// The daemon's config: upstream `kotaemon` from every key under [`PREFIX`], probed fast.
+/// The daemon's config: upstream `kotaemon` from every key under [`PREFIX`], probed fast,
+/// with the admin server on port 0.
 fn config(nginx: &Nginx, etcd: &Etcd) -> String {
-    format!(
-        "{}\n[[upstream]]\nname = \"kotaemon\"\n\n[upstream.health]\npath = \"/queue/status\"\n\
-         interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\n\
-         [[upstream.source]]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\n\
-         connect_timeout = \"1s\"\nrequest_timeout = \"1s\"\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        etcd.url()
-    )
+    Config::new(nginx)
+        .admin_port0()
+        .upstream(
+            Upstream::new("kotaemon")
+                .probe("/queue/status")
+                .etcd_1s(&etcd.url(), PREFIX),
+        )
+        .to_toml()
 }
 
 async fn put(c: &mut Client, key: &str, value: &str) {
@@ -102,7 +101,7 @@ async fn the_three_layouts_render_with_their_attributes() {
         spread["bravo"] > spread["alpha"],
         "weight 3 over weight 1: {spread:?}"
     );
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -128,7 +127,7 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
 
     // The same endpoint written again (with a newline, as from a file) changes nothing.
     put(&mut c, "charlie", &format!("{}\n", charlie.addr)).await;
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 
     let t = Instant::now();
     c.delete(format!("{PREFIX}alpha"), None).await.unwrap();
@@ -149,7 +148,7 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
         in_render_order(vec![server(&bravo, ""), server(&charlie, "")])
     );
     wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 3);
+    assert_quiet(&nginx, &mut daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -199,7 +198,7 @@ async fn a_leased_key_leaves_when_its_lease_expires() {
         gone.saturating_sub(ttl).as_millis()
     );
     assert!(gone >= ttl, "removed before its TTL ran out: {gone:?}");
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 3);
+    assert_quiet(&nginx, &mut daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -259,7 +258,7 @@ async fn hostile_values_never_reach_the_file() {
             .text()
             .contains(&format!("Skipped etcd key {PREFIX}h5"))
     });
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
     check_file(&nginx);
 }
 
@@ -310,7 +309,7 @@ async fn an_etcd_outage_changes_nothing_and_a_put_after_it_is_served() {
     // Retry backoff is capped at 3s, plus a 1s request timeout that may be in flight.
     assert!(resync < Duration::from_secs(5), "{resync:?}");
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -331,7 +330,7 @@ async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
     wait_for("the config reload", SHORT, || {
         daemon.output.text().contains("Configuration reloaded.")
     });
-    assert_quiet(&nginx, &mut daemon, Duration::from_secs(1), 1);
+    assert_quiet(&nginx, &mut daemon, 1);
 
     // The restarted source still follows the prefix.
     c.delete(format!("{PREFIX}alpha"), None).await.unwrap();
@@ -341,7 +340,7 @@ async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
         exactly(&["bravo", "charlie"]),
     );
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -364,5 +363,5 @@ async fn an_empty_prefix_renders_the_placeholder_until_the_first_put() {
     nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
     assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
     wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, Duration::from_millis(500), 2);
+    assert_quiet(&nginx, &mut daemon, 2);
 }

@@ -5,12 +5,9 @@
 //! Each property builds inputs from valid addresses spliced with nginx syntax (`;`, braces,
 //! line breaks, quotes, `#`, `$`, look-alike Unicode), renders whatever survives parsing with
 //! the built-in template under every balancing method, and checks the output against the
-//! template's grammar (`tests/support/shape.rs`): every line one the template can produce,
+//! template's grammar (`tests/it/util/shape.rs`): every line one the template can produce,
 //! every `server` line strict, braces balanced one deep, exactly one `server` line per
 //! surviving endpoint and each of them naming one of those endpoints.
-
-#[path = "support/shape.rs"]
-mod shape;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
@@ -27,6 +24,8 @@ use upstreamd::model::{Address, Endpoint, ServerAttrs};
 use upstreamd::render::Renderer;
 use upstreamd::sources::consul::parse_answer;
 use upstreamd::sources::etcd::parse_entry;
+
+use crate::util::shape;
 
 const CASES: u32 = 768;
 const PREFIX: &str = "/services/kotaemon/";

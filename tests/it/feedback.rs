@@ -2,17 +2,10 @@
 //! a probe at once, so a hung replica goes down long before its next scheduled probe; and
 //! nothing a client sends, nor a log line alone, drains a replica.
 
-mod common;
-
 use std::io::Write as _;
 use std::time::Duration;
 
-use common::*;
-
-/// Probes every minute: anything sooner than that was brought forward by the log.
-const SLOW_PROBES: &str =
-    "interval = \"60s\"\ndown_interval = \"60s\"\nfast_interval = \"200ms\"\n\
-                           timeout = \"300ms\"\nrise = 2\nfall = 2\n";
+use crate::util::*;
 
 /// nginx proxying to `kotaemon` with a short read timeout (so a hung replica shows up in its
 /// error log within a second) and retries on the other replica.
@@ -24,19 +17,17 @@ fn nginx() -> Nginx {
     )
 }
 
-/// upstreamd over `replicas` following nginx's error log, probing every minute.
-fn config(nginx: &Nginx, admin: &str, replicas: &[&Replica]) -> String {
-    let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
-    format!(
-        "{}\n[admin]\nlisten = \"{admin}\"\n\n[[upstream]]\nname = \"kotaemon\"\n\n\
-         [upstream.health]\npath = \"/queue/status\"\n{SLOW_PROBES}\n\
-         [[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
-        nginx.nginx_section(&format!(
-            "settle = \"50ms\"\nmin_reload_interval = \"100ms\"\nerror_log = \"{}\"",
-            nginx.dir.path().join("logs/error.log").display()
-        )),
-        servers.join(", ")
-    )
+/// upstreamd over `replicas` following nginx's error log, probing every minute (anything
+/// sooner than that was brought forward by the log), with the admin server on port 0.
+fn config(nginx: &Nginx, replicas: &[&Replica]) -> String {
+    Config::static_list(nginx, "kotaemon", replicas)
+        .nginx_path("error_log", &nginx.dir.path().join("logs/error.log"))
+        .health("interval", "60s")
+        .health("down_interval", "60s")
+        .health("fast_interval", "200ms")
+        .health("timeout", "300ms")
+        .admin_port0()
+        .to_toml()
 }
 
 fn probes(admin: &str, result: &str) -> f64 {
@@ -58,8 +49,8 @@ fn a_hung_replica_seen_in_nginxs_error_log_is_probed_at_once_and_goes_down() {
     let nginx = nginx();
     let _report = report_on_failure(&nginx);
     let (a, b) = (Replica::start("a"), Replica::start("b"));
-    let admin = format!("127.0.0.1:{}", free_port());
-    let daemon = Daemon::start(&config(&nginx, &admin, &[&a, &b]));
+    let daemon = Daemon::start(&config(&nginx, &[&a, &b]));
+    let admin = daemon.admin();
     first_apply(&nginx, &daemon);
     assert!(!nginx.rendered().contains("down"), "{}", nginx.rendered());
 
@@ -87,11 +78,8 @@ fn a_hung_replica_seen_in_nginxs_error_log_is_probed_at_once_and_goes_down() {
     );
     assert!(log_lines(&admin, "probe") >= 1.0);
     assert!(probes(&admin, "timeout") >= 2.0);
-    let text = daemon.output.text();
-    assert!(
-        text.contains("consecutive failed probes (fall = 2)"),
-        "the probes decided: {text}"
-    );
+    // The probes decided.
+    daemon.wait_log("consecutive failed probes (fall = 2)");
     nginx.wait_spread(10, "nginx to serve from b only", exactly(&["b"]));
 }
 
@@ -100,9 +88,9 @@ fn a_clients_bad_requests_and_a_log_line_alone_drain_nobody() {
     let nginx = nginx();
     let _report = report_on_failure(&nginx);
     let (a, b) = (Replica::start("a"), Replica::start("b"));
-    let admin = format!("127.0.0.1:{}", free_port());
     let placeholder_workers = nginx.wait_for_workers();
-    let mut daemon = Daemon::start(&config(&nginx, &admin, &[&a, &b]));
+    let mut daemon = Daemon::start(&config(&nginx, &[&a, &b]));
+    let admin = daemon.admin();
     first_apply(&nginx, &daemon);
     // A request the placeholder's workers still took would fail for real ("no live
     // upstreams") and bring probes: start once they are gone.

@@ -1,20 +1,18 @@
 //! The operator's surface: admin endpoints over real HTTP, config reload on SIGHUP, and the
 //! status page in a real headless browser.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 
 const SHORT: Duration = Duration::from_secs(10);
 
 /// The first `n` of alpha, bravo and charlie behind nginx, with the admin server.
 fn setup(n: usize) -> AdminStack {
-    AdminStack::start(&["alpha", "bravo", "charlie"][..n], "")
+    AdminStack::start(&["alpha", "bravo", "charlie"][..n], |c| c)
 }
 
 fn get(admin: &str, path: &str) -> (u16, String) {
@@ -108,7 +106,7 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     wait_for("the first config reload", SHORT, || {
         s.daemon.output.text().contains("kept=1 restarted=0")
     });
-    std::thread::sleep(Duration::from_millis(400));
+    s.daemon.wait_loop_ran();
     assert_eq!(s.nginx.reloads(), 1);
     assert_eq!(
         s.daemon
@@ -120,13 +118,13 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     );
 
     let third = Replica::start("charlie");
-    let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
-    let grown = cfg.replace(
-        &format!("\"{}\"]", s.replicas[1].addr),
-        &format!("\"{}\", \"{}\"]", s.replicas[1].addr, third.addr),
-    );
-    assert_ne!(grown, cfg);
-    std::fs::write(&s.daemon.config, &grown).unwrap();
+    let servers = vec![
+        s.replicas[0].addr.as_str(),
+        s.replicas[1].addr.as_str(),
+        third.addr.as_str(),
+    ];
+    let grown = s.config.clone().source("servers", servers);
+    std::fs::write(&s.daemon.config, grown.to_toml()).unwrap();
     s.daemon.signal(Signal::SIGHUP);
     wait_for("charlie rendered", SHORT, || {
         s.nginx
@@ -134,24 +132,16 @@ fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
             .contains(&format!("server {};", third.addr))
     });
     wait_for("second reload", SHORT, || s.nginx.reloads() == 2);
-    assert!(s.daemon.output.text().contains("kept=0 restarted=1"));
+    s.daemon.wait_log("kept=0 restarted=1");
     let before = s.nginx.rendered();
 
-    std::fs::write(
-        &s.daemon.config,
-        grown.replace("interval = \"200ms\"", "interval = 5"),
-    )
-    .unwrap();
+    std::fs::write(&s.daemon.config, grown.health("interval", 5).to_toml()).unwrap();
     s.daemon.signal(Signal::SIGHUP);
     wait_for("the refusal", SHORT, || {
         s.daemon.output.text().contains("Refusing the new config")
     });
-    assert!(s
-        .daemon
-        .output
-        .text()
-        .contains("upstream[0].health.interval"));
-    std::thread::sleep(Duration::from_millis(500));
+    s.daemon.wait_log("upstream[0].health.interval");
+    s.daemon.wait_loop_ran();
     assert!(s.daemon.alive());
     assert_eq!(s.nginx.rendered(), before);
     assert_eq!(s.nginx.reloads(), 2);
@@ -258,7 +248,7 @@ fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
             heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     };
-    let cfg = static_config(&nginx, "kotaemon", &[&r], "", "");
+    let cfg = Config::static_list(&nginx, "kotaemon", &[&r]).to_toml();
     let mut daemon = Daemon::start_with_env(
         &cfg,
         &[
@@ -308,7 +298,7 @@ fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
 /// away reads as a sentence, not hyper's debug text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
-    use common::consul::{instance, Lane, Registry};
+    use crate::util::consul::{instance, Lane, Registry};
     let Some(mut reg) = Registry::start(Lane::Standin, None).await else {
         return;
     };
@@ -328,15 +318,12 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
         .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}\n[[upstream]]\nname = \"kotaemon\"\n\n\
-         [upstream.health]\nenabled = false\n\n[[upstream.source]]\nkind = \"consul\"\n\
-         url = \"{}\"\nservice = \"kotaemon\"\nwait = \"2s\"\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        reg.url
-    );
-    let _daemon = Daemon::start(&cfg);
+    let cfg = Config::new(&nginx)
+        .admin_port0()
+        .upstream(Upstream::new("kotaemon").consul(&reg.url, "kotaemon", "2s"))
+        .to_toml();
+    let daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
     wait_for("readyz", SHORT, || {
         matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
     });
@@ -369,11 +356,13 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
         .as_str()
         .unwrap()
         .to_owned();
-    // The blocking query in flight when Consul died may fail first with a closed connection
-    // (the error the source reports); a retry after it meets a refused connect.
+    // The blocking query in flight when Consul died may fail first with a closed or reset
+    // connection (the error the source reports); a retry after it meets a refused connect.
     assert!(
         error.starts_with("consul request failed: ")
-            && (error.contains("refused") || error.contains("closed")),
+            && ["refused", "closed", "reset"]
+                .iter()
+                .any(|e| error.contains(e)),
         "{error}"
     );
     for debug in ["(Connect)", "Error(", "{", "Os ", "kind:"] {
@@ -387,7 +376,7 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
 /// (`source: tonic::transport::Error(Transport, …)`) on `/status`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
-    let mut etcd = common::etcd::Etcd::start().await;
+    let mut etcd = crate::util::etcd::Etcd::start().await;
     let mut c = etcd.client().await;
     let alpha = Replica::start("alpha");
     let prefix = "/services/kotaemon/";
@@ -400,15 +389,12 @@ async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
     drop(c);
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n\n{}\n[[upstream]]\nname = \"kotaemon\"\n\n\
-         [upstream.health]\nenabled = false\n\n[[upstream.source]]\nkind = \"etcd\"\n\
-         endpoints = [\"{}\"]\nprefix = \"{prefix}\"\nconnect_timeout = \"1s\"\nrequest_timeout = \"1s\"\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        etcd.url()
-    );
-    let _daemon = Daemon::start(&cfg);
+    let cfg = Config::new(&nginx)
+        .admin_port0()
+        .upstream(Upstream::new("kotaemon").etcd_1s(&etcd.url(), prefix))
+        .to_toml();
+    let daemon = Daemon::start(&cfg);
+    let admin = daemon.admin();
     wait_for("readyz", SHORT, || {
         matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
     });

@@ -1,15 +1,21 @@
 //! The integration-test harness: a private real nginx, stand-in Kotaemon replicas, and the
-//! real `upstreamd` binary, each a child process killed and reaped in `Drop`.
-#![allow(dead_code)] // each test file uses a different part of the harness
+//! real `upstreamd` binary, each a child process killed and reaped in `Drop`; typed configs
+//! ([`Config`]); and waits on events (a log line, a metric, a `/status` field), not on the
+//! clock.
 
+pub mod config;
 pub mod consul;
 pub mod docker;
 pub mod etcd;
+pub mod sessions;
+pub mod shape;
 pub mod vm;
+
+pub use config::{Config, Upstream};
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,6 +80,20 @@ impl Output {
     /// Everything printed so far.
     pub fn text(&self) -> String {
         self.0.lock().unwrap().clone()
+    }
+}
+
+/// Waits up to `within` for `child` to exit: its status, or None if it still runs.
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if start.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -198,16 +218,6 @@ impl Nginx {
             .collect()
     }
 
-    /// The `test_command` for this nginx, as TOML.
-    pub fn test_command_toml(&self) -> String {
-        let argv: Vec<String> = self
-            .command(&["-t", "-q"])
-            .iter()
-            .map(|a| format!("{a:?}"))
-            .collect();
-        format!("[{}]", argv.join(", "))
-    }
-
     /// The library's `[nginx]` for this nginx: the given test command, SIGHUP (no reload
     /// command), settle 250 ms, min_reload_interval 2 s, confirm_timeout 2 s.
     pub fn config(&self, test_command: Vec<String>) -> upstreamd::config::NginxConfig {
@@ -223,16 +233,6 @@ impl Nginx {
             state_dir: None,
             error_log: None,
         }
-    }
-
-    /// The `[nginx]` section pointing at this nginx, with the given extra lines.
-    pub fn nginx_section(&self, extra: &str) -> String {
-        format!(
-            "[nginx]\noutput = \"{}\"\npid_file = \"{}\"\ntest_command = {}\n{extra}\n",
-            self.output().display(),
-            self.pid_file().display(),
-            self.test_command_toml()
-        )
     }
 
     /// How many reloads nginx has logged.
@@ -301,7 +301,7 @@ impl Nginx {
 }
 
 /// The pids of `parent`'s children, from /proc.
-fn children(parent: u32) -> Vec<i32> {
+pub fn children(parent: u32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -329,12 +329,8 @@ impl Drop for Nginx {
         let master = self.master();
         // SIGTERM: nginx's fast shutdown takes the workers down with the master.
         if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(2)
-                && matches!(self.child.try_wait(), Ok(None))
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // Gone within the wait or not, it is killed and reaped next.
+            let _ = wait_exit(&mut self.child, Duration::from_secs(2));
         }
         kill_and_reap(&mut self.child);
         for pid in workers {
@@ -406,7 +402,6 @@ pub struct Replica {
     pub name: String,
     pub addr: String,
     pub control: PathBuf,
-    pub output: Output,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -446,13 +441,13 @@ impl Replica {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let output = Output::default();
-        output.capture(&mut child, name);
+        // Drained (and shown with UPSTREAMD_TEST_VERBOSE), so a chatty replica never blocks on
+        // a full pipe; no test reads it.
+        Output::default().capture(&mut child, name);
         Self {
             name: name.to_owned(),
             addr: addr.to_owned(),
             control,
-            output,
             child,
             _dir: dir,
         }
@@ -564,20 +559,94 @@ impl Daemon {
 
     /// Waits for the daemon to exit: its exit code, or None if it did not within `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let start = Instant::now();
-        while start.elapsed() < within {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, within).map(|status| status.code().unwrap_or(-1))
     }
 
     /// Whether it still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The admin server's address as the daemon logged it on start (`Admin server listening.
+    /// address=…`): with `listen = "127.0.0.1:0"` ([`Config::admin_port0`]), the port the
+    /// kernel picked. Waits for the line.
+    pub fn admin(&self) -> String {
+        let mut found = None;
+        wait_for(
+            "the daemon to log its admin address",
+            Duration::from_secs(15),
+            || {
+                found = admin_address(&self.output.text());
+                found.is_some()
+            },
+        );
+        found.unwrap()
+    }
+
+    /// What the daemon's loop has handled so far: probe results (`upstreamd_probes_total`,
+    /// every upstream and result) and the Consul blocking queries its sources sent. Both only
+    /// grow while the daemon runs.
+    pub fn activity(&self) -> (f64, usize) {
+        let probes: f64 = admin_metrics(&self.admin())
+            .lines()
+            .filter(|l| l.starts_with("upstreamd_probes_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum();
+        let queries = self
+            .output
+            .text()
+            .matches("Consul blocking query sent.")
+            .count();
+        (probes, queries)
+    }
+
+    /// Waits until the loop has provably run on after whatever the test did last (four more
+    /// probe results, two rounds over two endpoints; with probes off, one more Consul query)
+    /// and nothing is left to apply (`/status`: `apply.state` `in_sync`, no change pending).
+    /// After it, a test can assert that something did not happen.
+    pub fn wait_loop_ran(&self) {
+        let (probes, queries) = self.activity();
+        wait_for(
+            "the daemon's loop to run on",
+            Duration::from_secs(20),
+            || {
+                let (p, q) = self.activity();
+                if probes > 0.0 {
+                    p >= probes + 4.0
+                } else {
+                    p > probes || q > queries
+                }
+            },
+        );
+        let admin = self.admin();
+        wait_for("nothing left to apply", Duration::from_secs(15), || {
+            let st = admin_status(&admin);
+            st["apply"]["state"] == "in_sync" && st["change_pending"] == false
+        });
+    }
+
+    /// Waits until the daemon's output shows `needle` (its log reaches the harness through a
+    /// pipe and a reader thread, a moment after whatever the line reports).
+    pub fn wait_log(&self, needle: &str) {
+        wait_for(
+            &format!("the daemon to log {needle:?}"),
+            Duration::from_secs(10),
+            || self.output.text().contains(needle),
+        );
+    }
+}
+
+/// The address in the daemon's `Admin server listening.` line, text or JSON.
+fn admin_address(log: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("Admin server listening."))?;
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        return json["address"].as_str().map(str::to_owned);
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("address="))
+        .map(str::to_owned)
 }
 
 impl Drop for Daemon {
@@ -612,11 +681,12 @@ pub fn first_apply(nginx: &Nginx, daemon: &Daemon) {
     );
 }
 
-/// Sleeps through `window`, in which nothing is expected to happen, then asserts that nothing
-/// did: still `reloads` reloads, the same file, the daemon running.
-pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, window: Duration, reloads: usize) {
+/// Asserts that nothing happens on its own once the loop has run on
+/// ([`Daemon::wait_loop_ran`]): still `reloads` reloads, the same file, the daemon running.
+/// The daemon needs its admin server ([`Config::admin_port0`]).
+pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
     let before = nginx.rendered();
-    std::thread::sleep(window);
+    daemon.wait_loop_ran();
     assert_eq!(nginx.reloads(), reloads, "no reload without a change");
     assert_eq!(nginx.rendered(), before, "the file did not change");
     assert!(daemon.alive(), "the daemon runs");
@@ -678,23 +748,6 @@ pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     Report(nginx)
 }
 
-/// A static-source config for one upstream over `replicas`, probing `/queue/status` fast.
-pub fn static_config(
-    nginx: &Nginx,
-    upstream: &str,
-    replicas: &[&Replica],
-    extra_nginx: &str,
-    extra_upstream: &str,
-) -> String {
-    let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
-    format!(
-        "{}\n[[upstream]]\nname = \"{upstream}\"\n{extra_upstream}\n\n[upstream.health]\npath = \"/queue/status\"\n\
-         interval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\n[[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
-        nginx.nginx_section(&format!("settle = \"50ms\"\nmin_reload_interval = \"100ms\"\n{extra_nginx}")),
-        servers.join(", ")
-    )
-}
-
 /// The `server …;` lines of a rendered file, trimmed, in file order.
 pub fn server_lines(text: &str) -> Vec<String> {
     text.lines()
@@ -723,11 +776,6 @@ pub fn exactly(names: &[&str]) -> impl Fn(&std::collections::BTreeMap<String, us
             .collect::<std::collections::BTreeSet<_>>()
             == want
     }
-}
-
-/// Whether `path` exists.
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }
 
 /// `GET /status` from the admin server, as JSON.
@@ -778,6 +826,24 @@ pub fn listening_on(port: u16) -> Vec<String> {
     found
 }
 
+/// How many connections wait in the accept queue of the socket listening on 127.0.0.1:`port`
+/// (`rx_queue` of a listening socket in /proc/net/tcp); None when nothing listens there.
+pub fn accept_queue(port: u16) -> Option<u32> {
+    std::fs::read_to_string("/proc/net/tcp")
+        .ok()?
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+            let (addr, p) = local.split_once(':')?;
+            let listening = *state == "0A" && addr == "0100007F";
+            (listening && u16::from_str_radix(p, 16) == Ok(port))
+                .then(|| u32::from_str_radix(queues.split_once(':')?.1, 16).ok())
+                .flatten()
+        })
+}
+
 /// A process that is not nginx (`sleep 60`), killed and reaped in `Drop`.
 pub struct Bystander(pub Child);
 
@@ -815,25 +881,22 @@ pub struct AdminStack {
     pub daemon: Daemon,
     /// The admin server's address.
     pub admin: String,
+    /// The daemon's config, as started.
+    pub config: Config,
 }
 
 impl AdminStack {
-    /// Starts `names` as replicas, nginx, and upstreamd with a static list of them and
-    /// `admin_extra` under `[admin]`; returns once `/readyz` says 200.
-    pub fn start(names: &[&str], admin_extra: &str) -> Self {
+    /// Starts `names` as replicas, nginx, and upstreamd with a static list of them and its
+    /// admin server on port 0, the config as `configure` changes it; returns once `/readyz`
+    /// says 200.
+    pub fn start(names: &[&str], configure: impl FnOnce(Config) -> Config) -> Self {
         let replicas: Vec<Replica> = names.iter().map(|name| Replica::start(name)).collect();
         let nginx = Nginx::start("kotaemon");
-        let (cfg, admin) = with_admin_extra(
-            static_config(
-                &nginx,
-                "kotaemon",
-                &replicas.iter().collect::<Vec<_>>(),
-                "",
-                "",
-            ),
-            admin_extra,
-        );
-        let daemon = Daemon::start(&cfg);
+        let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+            .admin_port0();
+        let config = configure(cfg);
+        let daemon = Daemon::start(&config.to_toml());
+        let admin = daemon.admin();
         wait_for("readyz", Duration::from_secs(15), || {
             matches!(
                 http_get(&admin, "/readyz", Duration::from_secs(15)),
@@ -845,22 +908,7 @@ impl AdminStack {
             nginx,
             daemon,
             admin,
+            config,
         }
     }
-}
-
-/// Adds `[admin] listen` on a free port to a config; returns the config and the address.
-pub fn with_admin(cfg: String) -> (String, String) {
-    with_admin_extra(cfg, "")
-}
-
-/// [`with_admin`], with `extra` lines under `[admin]`.
-pub fn with_admin_extra(cfg: String, extra: &str) -> (String, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cfg = cfg.replacen(
-        "[[upstream]]",
-        &format!("[admin]\nlisten = \"{admin}\"\n{extra}\n\n[[upstream]]"),
-        1,
-    );
-    (cfg, admin)
 }

@@ -1,12 +1,11 @@
 //! The shape of a file the built-in template renders, checked line by line.
 //!
-//! Shared by the property tests in `tests/injection.rs` and the fuzz targets in `fuzz/`
-//! (include it with `#[path = ".../tests/support/shape.rs"] mod shape;`). Every line must be
+//! Shared by the property tests in `tests/it/injection.rs` and the fuzz targets in `fuzz/`
+//! (include it with `#[path = ".../tests/it/util/shape.rs"] mod shape;`). Every line must be
 //! one of the lines the template can produce, with the variable parts limited to what the
 //! typed values allow; braces must nest one deep and balance; and the number of `upstream`
 //! blocks and `server` lines must be the number the caller fed in. So a registry string that
 //! added a directive, a server, a brace or a line break would fail here.
-#![allow(dead_code)]
 
 use std::sync::OnceLock;
 

@@ -1,12 +1,10 @@
 //! `nginx::apply` against a real private nginx: reload only on change, never signal after a
 //! failed test, restore the file after any failure, never signal something that is not nginx.
 
-mod common;
-
 use std::fs;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 use upstreamd::nginx::{apply, Applied, ApplyError, NginxError, SystemNginx};
 
 /// Missing `;` after the server: `nginx -t` says `[emerg] unexpected "}"`.

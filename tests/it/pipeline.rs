@@ -1,11 +1,9 @@
 //! The core pipeline end to end: static source → probes → render → nginx -t → SIGHUP,
 //! against a real nginx and stand-in Kotaemon replicas.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 
 const SHORT: Duration = Duration::from_secs(10);
@@ -27,14 +25,10 @@ fn serves_only_healthy_replicas_and_reloads_once_per_change() {
     ];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    );
-    let daemon = Daemon::start(&cfg);
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .admin_port0()
+        .to_toml();
+    let mut daemon = Daemon::start(&cfg);
 
     wait_for("the first render", SHORT, || {
         replicas
@@ -70,9 +64,8 @@ fn serves_only_healthy_replicas_and_reloads_once_per_change() {
     wait_for("three reloads", SHORT, || nginx.reloads() == 3);
 
     // Quiet world: no more reloads while probes keep running.
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(nginx.reloads(), 3, "no reload without a membership change");
-    assert!(daemon.output.text().contains("Endpoint health changed."));
+    assert_quiet(&nginx, &mut daemon, 3);
+    daemon.wait_log("Endpoint health changed.");
 }
 
 #[test]
@@ -80,21 +73,23 @@ fn a_single_failed_probe_below_fall_reloads_nothing() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    )
-    .replace("fall = 2", "fall = 6");
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .health("fall", 6)
+        .admin_port0()
+        .to_toml();
     let daemon = Daemon::start(&cfg);
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
-    // Two or three failed probes at most, far below fall = 6.
+    // A failed probe or two, far below fall = 6.
+    let admin = daemon.admin();
     replicas[0].set_mode_and_wait("error", 503);
-    std::thread::sleep(Duration::from_millis(250));
+    wait_for("a failed probe", SHORT, || {
+        metric(
+            &admin_metrics(&admin),
+            "upstreamd_probes_total{upstream=\"kotaemon\",result=\"bad_status\"}",
+        ) >= 1.0
+    });
     replicas[0].set_mode_and_wait("healthy", 200);
-    std::thread::sleep(Duration::from_millis(1000));
+    daemon.wait_loop_ran();
     assert_eq!(nginx.reloads(), 1);
     assert!(!nginx.rendered().contains(" down;"));
     assert!(
@@ -109,13 +104,9 @@ fn a_restart_over_an_unchanged_world_reloads_nothing_and_sigterm_leaves_the_file
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    );
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .admin_port0()
+        .to_toml();
     let mut first = Daemon::start(&cfg);
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     wait_for("ready", SHORT, || {
@@ -144,7 +135,7 @@ fn a_restart_over_an_unchanged_world_reloads_nothing_and_sigterm_leaves_the_file
             .text()
             .contains("Upstream file is up to date.")
     });
-    std::thread::sleep(Duration::from_millis(500));
+    second.wait_loop_ran();
     assert_eq!(
         nginx.reloads(),
         1,
@@ -162,13 +153,9 @@ fn every_replica_unhealthy_still_renders_a_file_nginx_accepts() {
         }
         let nginx = Nginx::start("kotaemon");
         let _report = report_on_failure(&nginx);
-        let cfg = static_config(
-            &nginx,
-            "kotaemon",
-            &replicas.iter().collect::<Vec<_>>(),
-            "",
-            &format!("on_all_unhealthy = \"{policy}\""),
-        );
+        let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+            .set("on_all_unhealthy", policy)
+            .to_toml();
         let _daemon = Daemon::start(&cfg);
         wait_for("the first reload", SHORT, || nginx.reloads() == 1);
         let text = nginx.rendered();
@@ -189,13 +176,8 @@ fn every_replica_unhealthy_still_renders_a_file_nginx_accepts() {
 fn once_dry_run_prints_the_file_and_touches_nothing() {
     let replicas = [Replica::start("alpha")];
     let nginx = Nginx::start("kotaemon");
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    );
+    let cfg =
+        Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>()).to_toml();
     let (_dir, path) = write_config(&cfg);
     let before = std::fs::read(nginx.output()).unwrap();
     let mtime = std::fs::metadata(nginx.output())
@@ -225,9 +207,9 @@ fn once_dry_run_prints_the_file_and_touches_nothing() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(nginx.rendered(), stdout);
     wait_for("one reload", SHORT, || nginx.reloads() == 1);
+    // `once` exits after nginx confirmed a reload, so one would be in the log by now.
     let (code, _, _) = upstreamd(&["once", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0);
-    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(nginx.reloads(), 1);
 }
 
@@ -275,13 +257,11 @@ servers = ["10.0.0.1:7860 down", { address = "10.0.0.2:7860", backup = true }]
 fn check_accepts_a_good_config() {
     let nginx = Nginx::start("kotaemon");
     let r = Replica::start("alpha");
-    let (_dir, path) = write_config(&static_config(
-        &nginx,
-        "kotaemon",
-        &[&r],
-        "",
-        "balance = \"sticky\"",
-    ));
+    let (_dir, path) = write_config(
+        &Config::static_list(&nginx, "kotaemon", &[&r])
+            .set("balance", "sticky")
+            .to_toml(),
+    );
     let (code, stdout, stderr) = upstreamd(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok"));
@@ -291,13 +271,8 @@ fn check_accepts_a_good_config() {
 fn json_logs_are_one_object_per_line_naming_what_changed() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    );
+    let cfg =
+        Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>()).to_toml();
     let daemon = Daemon::start_with(&cfg, &["--log-format", "json"], &[]);
     wait_for("the first reload", SHORT, || nginx.reloads() == 1);
     replicas[1].set_mode("error");
@@ -331,20 +306,16 @@ fn json_logs_are_one_object_per_line_naming_what_changed() {
 fn probing_health_on_kotaemon_logs_the_queue_status_hint_once() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     let nginx = Nginx::start("kotaemon");
-    let cfg = static_config(
-        &nginx,
-        "kotaemon",
-        &replicas.iter().collect::<Vec<_>>(),
-        "",
-        "",
-    )
-    .replace("path = \"/queue/status\"", "path = \"/health\"");
+    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+        .health("path", "/health")
+        .admin_port0()
+        .to_toml();
     let daemon = Daemon::start(&cfg);
     wait_for("the hint", SHORT, || {
         daemon.output.text().contains("Kotaemon has no /health")
     });
     // Several more probe rounds: the hint is not repeated.
-    std::thread::sleep(Duration::from_millis(800));
+    daemon.wait_loop_ran();
     assert_eq!(
         daemon
             .output

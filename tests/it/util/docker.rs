@@ -167,24 +167,6 @@ impl Compose {
         run_ok(&mut self.command(args))
     }
 
-    /// `docker-compose exec -T SERVICE CMD…`, whatever its exit code.
-    pub fn exec(&self, service: &str, cmd: &[&str]) -> Output {
-        let mut args = vec!["exec", "-T", service];
-        args.extend_from_slice(cmd);
-        run(&mut self.command(&args))
-    }
-
-    /// `docker-compose exec -T SERVICE CMD…`, panicking unless it exits 0; returns stdout.
-    pub fn exec_ok(&self, service: &str, cmd: &[&str]) -> String {
-        let out = self.exec(service, cmd);
-        assert!(
-            out.status.success(),
-            "{}",
-            describe(&format!("docker-compose exec {service} {cmd:?}"), &out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// The id of `service`'s container (`docker-compose ps -q`); it stays the same across
     /// `stop`, `start` and `restart`.
     pub fn container(&self, service: &str) -> String {

@@ -8,39 +8,40 @@
 //! delay. After each kill: `nginx -t` passes and the file is byte-for-byte one of the known
 //! renders.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 use rand::Rng;
 
 const ROUNDS: usize = 300;
 
 fn variant(nginx: &Nginx, i: usize) -> String {
-    let servers: Vec<String> = match i {
-        0 => (1..=150).map(|n| format!("\"127.0.1.{n}:7860\"")).collect(),
+    let servers: Vec<toml::Value> = match i {
+        0 => (1..=150)
+            .map(|n| format!("127.0.1.{n}:7860").into())
+            .collect(),
         1 => (1..=250)
             .map(|n| {
-                format!(
-                    "{{ address = \"127.0.2.{}:7861\", weight = {} }}",
-                    n,
-                    n % 7 + 1
-                )
+                let mut server = toml::Table::new();
+                server.insert("address".into(), format!("127.0.2.{n}:7861").into());
+                server.insert("weight".into(), (n % 7 + 1).into());
+                server.into()
             })
             .collect(),
-        2 => (1..=40).map(|n| format!("\"127.0.3.{n}:7862\"")).collect(),
-        _ => vec!["\"127.0.4.1:7863\"".to_owned()],
+        2 => (1..=40)
+            .map(|n| format!("127.0.3.{n}:7862").into())
+            .collect(),
+        _ => vec!["127.0.4.1:7863".into()],
     };
-    format!(
-        "{}\n[[upstream]]\nname = \"kotaemon\"\n[upstream.health]\nenabled = false\n\
-         [[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
-        nginx.nginx_section("settle = \"0ms\"\nmin_reload_interval = \"0ms\""),
-        servers.join(", ")
-    )
+    Config::new(nginx)
+        .nginx("settle", "0ms")
+        .nginx("min_reload_interval", "0ms")
+        .upstream(Upstream::new("kotaemon").static_servers(&[]))
+        .source("servers", servers)
+        .to_toml()
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {

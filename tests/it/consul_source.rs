@@ -2,13 +2,11 @@
 //! against a real `consul agent -dev` when a `consul` binary is on PATH. Only the
 //! fault-injection tests (`/_standin/fault`) are stand-in only.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{instance, Lane, Registry, SERVICE};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -283,8 +281,8 @@ async fn registration_and_deregistration_arrive_quickly(lane: Lane) {
         .into_iter()
         .enumerate()
     {
-        // Let the source settle into its blocking query first.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The source blocks on its query first.
+        reg.wait_blocked().await;
         let t = Instant::now();
         reg.register(instance(
             &format!("n{i}"),
@@ -298,7 +296,7 @@ async fn registration_and_deregistration_arrive_quickly(lane: Lane) {
         w.snapshot(SECOND, addr, has(addr)).await;
         latencies.push(t.elapsed());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reg.wait_blocked().await;
     let t = Instant::now();
     reg.deregister("k1").await;
     w.snapshot(SECOND, "k1 gone", |eps| {
@@ -412,7 +410,12 @@ async fn token_is_sent_and_never_logged(lane: Lane) {
         !error.contains(WRONG),
         "the token leaked into the error: {error}"
     );
-    tokio::time::sleep(SECOND).await;
+    // Both sources ran on: the right one blocks again, the wrong one retried after its backoff.
+    let deadline = Instant::now() + 10 * SECOND;
+    while w.logs.count(SENT) < 2 || denied.logs.count(SENT) < 2 {
+        assert!(Instant::now() < deadline, "no second query within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (name, logs) in [("right", &w.logs), ("wrong", &denied.logs)] {
         let text = logs.text();
         assert!(
@@ -475,7 +478,7 @@ async fn shutdown_ends_a_blocked_query_at_once(lane: Lane) {
         .await;
     let mut w = watch(&reg, &[], Duration::from_secs(60), None);
     w.snapshot(5 * SECOND, "k1", has("10.9.0.1:7860")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reg.wait_blocked().await;
     let t = Instant::now();
     w.shutdown.cancel();
     let task = &mut w.task;
@@ -546,14 +549,15 @@ async fn an_index_reset_restarts_the_loop_and_updates_keep_coming() {
     // A long wait: only a working reset, not the wait running out, can deliver in time.
     let mut w = watch(&reg, &[], Duration::from_secs(20), None);
     w.snapshot(5 * SECOND, "k1", has("10.6.0.1:7860")).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reg.wait_blocked().await;
     reg.fault("reset-index").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The source sees the index go back, asks again from 0 and blocks on the new index.
+    reg.wait_blocked().await;
     reg.register(instance("k2", "10.6.0.2", 7860, &[], json!({})))
         .await;
     w.snapshot(SECOND, "k2 after the reset", has("10.6.0.2:7860"))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reg.wait_blocked().await;
     reg.register(instance("k3", "10.6.0.3", 7860, &[], json!({})))
         .await;
     w.snapshot(
@@ -622,9 +626,12 @@ async fn a_hanging_request_is_abandoned_and_retried() {
     let error = w.failed(6 * SECOND).await;
     assert!(error.contains("did not answer"), "{error}");
     println!("hanging request abandoned after {:?}", hang.elapsed());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let retried = reg.health_requests().await - before;
-    assert!(retried >= 2, "abandoned requests are retried: {retried}");
+    // Abandoned requests are retried: the stand-in sees at least two more.
+    let deadline = Instant::now() + 10 * SECOND;
+    while reg.health_requests().await - before < 2 {
+        assert!(Instant::now() < deadline, "no retry within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     reg.fault("none").await;
     let back = Instant::now();

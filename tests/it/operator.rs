@@ -2,20 +2,24 @@
 //! admin port, send stray signals, reload a template that reads an undefined field, scrape
 //! metrics before anything happened; and what `check` and `--help` say.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::*;
+use crate::util::*;
 use nix::sys::signal::Signal;
 
 const SHORT: Duration = Duration::from_secs(10);
 
-/// Two replicas behind a real nginx, with the admin server and `admin_extra` under `[admin]`.
-fn setup(admin_extra: &str) -> AdminStack {
-    AdminStack::start(&["alpha", "bravo"], admin_extra)
+/// Two replicas behind a real nginx, with the admin server's `max_connections` and
+/// `header_read_timeout` when given.
+fn setup(limits: Option<(i64, &str)>) -> AdminStack {
+    AdminStack::start(&["alpha", "bravo"], |c| match limits {
+        Some((max, timeout)) => c
+            .admin("max_connections", max)
+            .admin("header_read_timeout", timeout),
+        None => c,
+    })
 }
 
 /// A connection that sent half a request head and then stalls.
@@ -61,14 +65,17 @@ fn open_fds(daemon: &Daemon) -> usize {
 #[test]
 fn admin_connections_beyond_the_cap_are_closed_at_once_and_applies_go_on() {
     // A head-read timeout far beyond the test's waits: only the cap can close anything.
-    let s = setup("max_connections = 8\nheader_read_timeout = \"10m\"");
+    let s = setup(Some((8, "10m")));
     let _report = report_on_failure(&s.nginx);
     wait_for("the first reload", SHORT, || s.nginx.reloads() == 1);
     let fds_before = open_fds(&s.daemon);
 
     let mut conns: Vec<TcpStream> = (0..58).map(|_| half_head(&s.admin)).collect();
     let done = wait_closed("50 connections closed", &mut conns, 50, SHORT);
-    std::thread::sleep(Duration::from_millis(300));
+    let port: u16 = s.admin.rsplit_once(':').unwrap().1.parse().unwrap();
+    wait_for("the daemon to accept every connection", SHORT, || {
+        accept_queue(port) == Some(0)
+    });
     let more = wait_closed("no more closed", &mut conns, 0, SHORT);
     let still_open = done.iter().zip(&more).filter(|(a, b)| !**a && !**b).count();
     // Fewer than 8 when a setup request still held a slot as the flood began.
@@ -103,7 +110,7 @@ fn admin_connections_beyond_the_cap_are_closed_at_once_and_applies_go_on() {
 
 #[test]
 fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
-    let s = setup("max_connections = 4\nheader_read_timeout = \"1s\"");
+    let s = setup(Some((4, "1s")));
     let _report = report_on_failure(&s.nginx);
     let mut conns: Vec<TcpStream> = (0..3).map(|_| half_head(&s.admin)).collect();
     // And one that asked once and then keeps its connection open, sending nothing more.
@@ -122,7 +129,7 @@ fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
 
 #[test]
 fn sigusr1_and_sigusr2_are_logged_and_ignored() {
-    let mut s = setup("");
+    let mut s = setup(None);
     s.daemon.signal(Signal::SIGUSR1);
     s.daemon.signal(Signal::SIGUSR2);
     wait_for("both signals logged", SHORT, || {
@@ -139,7 +146,7 @@ fn sigusr1_and_sigusr2_are_logged_and_ignored() {
 
 #[test]
 fn a_fresh_daemon_exports_every_known_series_at_zero() {
-    let s = setup("");
+    let s = setup(None);
     let metrics = admin_metrics(&s.admin);
     for result in [
         "test_failed",
@@ -180,18 +187,12 @@ fn misspelt_template(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn a_template_reading_an_undefined_field_is_refused_by_check_and_by_sighup() {
-    let mut s = setup("");
+    let mut s = setup(None);
     let _report = report_on_failure(&s.nginx);
     wait_for("the first reload", SHORT, || s.nginx.reloads() == 1);
     let dir = tempfile::tempdir().unwrap();
     let template = misspelt_template(dir.path());
-    let good = std::fs::read_to_string(&s.daemon.config).unwrap();
-    let bad = good.replacen(
-        "[nginx]\n",
-        &format!("[nginx]\ntemplate = {:?}\n", template.display().to_string()),
-        1,
-    );
-    assert_ne!(bad, good);
+    let bad = s.config.clone().nginx_path("template", &template).to_toml();
     let (_dir, bad_path) = write_config(&bad);
     let (code, stdout, stderr) = upstreamd(&["check", "--config", bad_path.to_str().unwrap()]);
     assert_eq!(code, 2, "{stdout}{stderr}");
@@ -206,7 +207,7 @@ fn a_template_reading_an_undefined_field_is_refused_by_check_and_by_sighup() {
     wait_for("the refusal", SHORT, || {
         s.daemon.output.text().contains("Refusing the new config")
     });
-    assert!(s.daemon.output.text().contains("`u.nmae` is undefined"));
+    s.daemon.wait_log("`u.nmae` is undefined");
     // The running config stays in force, and the next change still applies.
     s.replicas[1].set_mode("error");
     wait_for("bravo rendered down", SHORT, || {
@@ -306,7 +307,7 @@ fn the_cli_defaults_its_config_and_documents_exit_codes_signals_and_rust_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_forged_consul_service_id_reaches_the_text_log_as_one_escaped_line() {
-    use common::consul::{instance, Lane, Registry, SERVICE};
+    use crate::util::consul::{instance, Lane, Registry, SERVICE};
     let Some(reg) = Registry::start(Lane::Standin, None).await else {
         return;
     };
@@ -327,12 +328,9 @@ async fn a_forged_consul_service_id_reaches_the_text_log_as_one_escaped_line() {
     .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
-    let cfg = format!(
-        "{}\n[[upstream]]\nname = \"kotaemon\"\n[upstream.health]\nenabled = false\n\
-         [[upstream.source]]\nkind = \"consul\"\nurl = \"{}\"\nservice = \"{SERVICE}\"\nwait = \"2s\"\n",
-        nginx.nginx_section("settle = \"50ms\"\nmin_reload_interval = \"100ms\""),
-        reg.url
-    );
+    let cfg = Config::new(&nginx)
+        .upstream(Upstream::new("kotaemon").consul(&reg.url, SERVICE, "2s"))
+        .to_toml();
     let daemon = Daemon::start(&cfg);
     first_apply(&nginx, &daemon);
     wait_for("the warning about the forged entry", SHORT, || {
