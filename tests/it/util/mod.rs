@@ -600,25 +600,34 @@ impl Daemon {
         (probes, queries)
     }
 
-    /// Waits until the loop has provably run on after whatever the test did last (four more
-    /// probe results, two rounds over two endpoints; with probes off, one more Consul query)
-    /// and nothing is left to apply (`/status`: `apply.state` `in_sync`, no change pending).
-    /// After it, a test can assert that something did not happen.
+    /// Waits until the loop has provably run on after whatever the test did last, then
+    /// until nothing is left to apply (`/status`: `apply.state` `in_sync`, no change
+    /// pending). "Ran on" is three probe rounds' worth of probe results (three per probed
+    /// endpoint: the harness's `rise` and `fall` are at most 2, so a flip under way shows),
+    /// or with nothing probed, one more Consul query. After it, a test can assert that
+    /// something did not happen.
     pub fn wait_loop_ran(&self) {
+        let admin = self.admin();
+        let probed = admin_status(&admin)["upstreams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|u| u["endpoints"].as_array().into_iter().flatten())
+            .filter(|e| !e["last_probe"].is_null())
+            .count();
         let (probes, queries) = self.activity();
         wait_for(
             "the daemon's loop to run on",
             Duration::from_secs(20),
             || {
                 let (p, q) = self.activity();
-                if probes > 0.0 {
-                    p >= probes + 4.0
+                if probed > 0 {
+                    p >= probes + 3.0 * probed as f64
                 } else {
-                    p > probes || q > queries
+                    q > queries
                 }
             },
         );
-        let admin = self.admin();
         wait_for("nothing left to apply", Duration::from_secs(15), || {
             let st = admin_status(&admin);
             st["apply"]["state"] == "in_sync" && st["change_pending"] == false
