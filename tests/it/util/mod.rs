@@ -701,10 +701,11 @@ pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
     assert!(daemon.alive(), "the daemon runs");
 }
 
-/// Waits for the daemon to report its source failed, then holds until `until` (a moment
-/// measured from the start of the outage) and asserts the outage changed nothing: no reload
-/// past the first, the file's `bytes`, the daemon running, nginx serving exactly `serving`.
-/// Returns when the failure was noticed.
+/// Waits for the daemon to report its source failed, then keeps the outage going until
+/// `until` (a moment measured from its start: how long the outage lasts is the scenario, not
+/// a wait for something) and, once the loop has run on ([`Daemon::wait_loop_ran`]), asserts
+/// the outage changed nothing: no reload past the first, the file's `bytes`, the daemon
+/// running, nginx serving exactly `serving`. Returns when the failure was noticed.
 pub fn assert_outage_changes_nothing(
     nginx: &Nginx,
     daemon: &mut Daemon,
@@ -724,6 +725,7 @@ pub fn assert_outage_changes_nothing(
     );
     let noticed = Instant::now();
     std::thread::sleep(until.saturating_duration_since(noticed));
+    daemon.wait_loop_ran();
     assert_eq!(nginx.reloads(), 1, "no reload during the outage");
     assert_eq!(
         std::fs::read(nginx.output()).unwrap(),
