@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::util::free_port;
+
 const READY_WITHIN: Duration = Duration::from_secs(5);
 
 /// A running stand-in, killed and reaped on drop. Its stderr goes to the test
@@ -107,11 +109,6 @@ impl Drop for Standin {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("ephemeral address").port()
 }
 
 fn client() -> reqwest::Client {
