@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes the image the systemd and .deb container tests run (tests/container_systemd.rs,
-# tests/container_deb.rs), when it is missing: the Debian 12 base (scripts/docker-base.sh)
+# Makes the image the systemd and .deb container tests run (tests/it/container_systemd.rs,
+# tests/it/container_deb.rs), when it is missing: the Debian 12 base (scripts/docker-base.sh)
 # with systemd as PID 1 and Debian's nginx, curl and procps. Prints the image name.
 #   UPSTREAMD_SYSTEMD_IMAGE  the image name (default upstreamd-systemd:bookworm)
 set -euo pipefail

@@ -10,7 +10,7 @@
 # (neither is committed; the hand-written seeds are in fuzz/seeds/TARGET). A crash lands in
 # fuzz/artifacts/TARGET/; minimise it with `cargo +nightly fuzz tmin -O TARGET FILE` (in
 # fuzz/) and turn it into a regression test beside the code it broke. Each target checks the
-# rendered file against tests/support/shape.rs, so "crash" includes "a registry string
+# rendered file against tests/it/util/shape.rs, so "crash" includes "a registry string
 # shaped the file".
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"

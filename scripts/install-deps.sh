@@ -28,6 +28,6 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; e
 [ "${1:-all}" = all ] || exit 0
 # `cargo audit` checks Cargo.lock against the RustSec snapshot (scripts/test.sh).
 command -v cargo-audit >/dev/null || cargo install --locked cargo-audit
-# `cargo deb` builds the .deb (docs/operations.md, tests/container_deb.rs). Pinned: the test
+# `cargo deb` builds the .deb (docs/operations.md, tests/it/container_deb.rs). Pinned: the test
 # packages the debug build with `--profile dev`, which cargo-deb 3.8 warns it may refuse later.
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb --version 3.8.0

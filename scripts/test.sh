@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh Debian machine: installs what is missing, then checks
 # formatting and lints, runs every unit and integration test (real nginx, real etcd), and
 # runs the benchmark harness once in quick mode. Tests that need a Docker engine
-# (tests/container_*.rs) skip when none answers; CI's host stage runs them (.ci/run).
+# (the container_* modules of tests/it/) skip when none answers; CI's host stage runs them (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() {

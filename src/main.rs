@@ -374,7 +374,12 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
             tracing::warn!(configured = admin.max_connections, allowed = limits.max_connections, nofile,
                 "The open-file limit is low: fewer admin connections are allowed, so the daemon keeps its reserve.");
         }
-        tracing::info!(%addr, max_connections = limits.max_connections,
+        // The bound address, not the configured one: with port 0 the kernel picks the port,
+        // and this line is how a caller (the test harness) learns it.
+        let address = listener
+            .local_addr()
+            .with_context(|| format!("failed to read the admin address bound for {addr}"))?;
+        tracing::info!(%address, max_connections = limits.max_connections,
             header_read_timeout = %humantime::format_duration(limits.header_read_timeout),
             "Admin server listening.");
         let (handle, stop) = (controller.handle(), shutdown.clone());

@@ -2,7 +2,7 @@
 //!
 //! For each mode: four replicas (three registered under an etcd prefix), upstreamd, a front
 //! nginx running the Kotaemon site, and simulated users holding sessions
-//! (`tests/support/sessions.rs`: cookie jar, `GET /`, `POST /queue/join`, SSE
+//! (`tests/it/util/sessions.rs`: cookie jar, `GET /`, `POST /queue/join`, SSE
 //! `GET /queue/data`). Chats are split around each change (join, change applied, stream) as a
 //! reload splits chats in flight. Events: a replica added; the replica just added removed
 //! (idle under `sticky`); a replica restarting (down, then up on the same address); a replica
@@ -11,7 +11,9 @@
 //! away. `hash` is `balance = "hash"` on the cookie with the cookie issued by the site (the
 //! old `sticky`); `sticky` names the replica. Also: `nginx -t` on 1,000 replicas in each mode.
 
-#[path = "../../tests/support/sessions.rs"]
+// The integration tests' module: they use all of it, this scenario only part.
+#[allow(dead_code)]
+#[path = "../../tests/it/util/sessions.rs"]
 mod sessions;
 
 use std::collections::BTreeSet;
@@ -413,7 +415,7 @@ pub fn markdown(md: &mut String, results: &[AffinityResult], cost: Option<&TestC
     let _ = writeln!(
         md,
         "Simulated users (own cookie jar and client address; `GET /`, `POST /queue/join`, SSE \
-         `GET /queue/data`, as `tests/support/sessions.rs` does) chat through the Kotaemon site \
+         `GET /queue/data`, as `tests/it/util/sessions.rs` does) chat through the Kotaemon site \
          while the membership changes under upstreamd (etcd source). A chat is split around \
          each change: every user joins, the change is applied (file, reload, old workers gone), \
          every user reads its stream. *moved*: answered by a replica other than the user's own \

@@ -307,7 +307,7 @@ pub enum Source<'a> {
 
 /// upstreamd's config for `nginx`. The shrink guard is off: the discovery trials remove their
 /// spare replicas together on purpose, which the guard would hold for 30 s (it has its own
-/// tests in `tests/registries.rs`). `fast` adds the re-probe in doubt ([`FAST_INTERVAL`]) and
+/// tests in `tests/it/registries.rs`). `fast` adds the re-probe in doubt ([`FAST_INTERVAL`]) and
 /// follows nginx's error log; without it `fast_interval` equals `interval`, which is how
 /// upstreamd probed before it had one (the earlier benchmarks' settings).
 pub fn upstreamd_toml(

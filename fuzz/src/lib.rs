@@ -1,8 +1,8 @@
 //! Shared by the fuzz targets: render whatever survived parsing with the built-in template
-//! and check the file against the template's grammar (`tests/support/shape.rs`, the oracle
+//! and check the file against the template's grammar (`tests/it/util/shape.rs`, the oracle
 //! of the property tests too). Any violation panics, which libFuzzer reports as a crash.
 
-#[path = "../../tests/support/shape.rs"]
+#[path = "../../tests/it/util/shape.rs"]
 pub mod shape;
 
 use std::collections::{BTreeMap, BTreeSet};

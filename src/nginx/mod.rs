@@ -4,7 +4,7 @@
 //! unchanged, never signals after a failed test, and puts the previous file back after any
 //! failure that follows the write, so when it returns the file holds either bytes nginx took
 //! or the bytes it held before. What nginx is and how it is told sits behind the `Nginx` trait,
-//! so the controller's tests use a fake and `tests/nginx_apply.rs` a real private nginx.
+//! so the controller's tests use a fake and `tests/it/nginx_apply.rs` a real private nginx.
 
 mod error;
 pub mod lua;

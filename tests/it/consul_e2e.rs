@@ -1,0 +1,572 @@
+//! Consul → upstreamd → a real nginx, end to end: stand-in Kotaemon replicas registered in
+//! Consul, the real `upstreamd run`, and what a user sees — traffic through nginx, the reload
+//! count, the bytes of the include file, the daemon still running.
+//!
+//! Every test runs against `consul-standin`; those that need no fault injection also run
+//! against a real `consul agent -dev` when `consul` is on PATH (otherwise that lane prints
+//! `skipped: …` and passes). Measured figures are printed as `figure: …`
+//! (`cargo test --test it consul_e2e:: -- --nocapture`).
+//!
+//! The test bodies are async for the registry client; waits on nginx and the daemon block the
+//! test's own thread (the runtime's worker drives the client's connections meanwhile).
+
+use std::time::{Duration, Instant};
+
+use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::*;
+use serde_json::{json, Value};
+
+const SHORT: Duration = Duration::from_secs(10);
+
+/// The daemon's config: upstream `kotaemon` from `reg`'s service, probed fast (or not at all),
+/// with the admin server on port 0.
+fn config(nginx: &Nginx, reg: &Registry, probes: bool) -> Config {
+    let upstream = Upstream::new("kotaemon");
+    let upstream = if probes {
+        upstream.probe("/queue/status")
+    } else {
+        upstream
+    };
+    Config::new(nginx)
+        .admin_port0()
+        .upstream(upstream.consul(&reg.url, SERVICE, "2s"))
+}
+
+const SENT: &str = "Consul blocking query sent.";
+
+/// How many blocking queries the daemon has sent.
+fn queries(daemon: &Daemon) -> usize {
+    daemon.output.text().matches(SENT).count()
+}
+
+/// A registration of `replica` under service ID `id`, at its own address.
+fn registration(id: &str, replica: &Replica, meta: Value) -> Value {
+    let (host, _) = replica.addr.rsplit_once(':').unwrap();
+    instance(id, host, replica.port(), &[], meta)
+}
+
+fn server(replica: &Replica, attrs: &str) -> String {
+    format!("server {}{attrs};", replica.addr)
+}
+
+macro_rules! on_every_lane {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+            async fn standin() {
+                super::$name(super::Lane::Standin).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+            async fn real_consul() {
+                super::$name(super::Lane::RealConsul).await
+            }
+        }
+    )*};
+}
+
+on_every_lane!(
+    three_registered_replicas_serve_after_one_reload,
+    a_registration_is_served_within_a_second_and_a_deregistration_leaves,
+    maintenance_renders_down_and_back,
+    with_probes_off_consul_alone_decides,
+    an_instance_without_an_address_gets_the_node_address,
+    a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered,
+    the_token_is_sent_and_never_logged,
+    a_quiet_service_costs_a_handful_of_requests,
+    a_config_reload_over_an_unchanged_registry_reloads_nothing,
+    an_empty_service_renders_the_placeholder_until_the_first_registration,
+);
+
+async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    reg.register(registration("alpha", &replicas[0], json!({"weight": "3"})))
+        .await;
+    reg.register(registration(
+        "bravo",
+        &replicas[1],
+        json!({"max_fails": "2", "fail_timeout": "10s"}),
+    ))
+    .await;
+    reg.register(registration("charlie", &replicas[2], json!({})))
+        .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+
+    first_apply(&nginx, &daemon);
+    let want = in_render_order(vec![
+        server(&replicas[0], " weight=3"),
+        server(&replicas[1], " max_fails=2 fail_timeout=10s"),
+        server(&replicas[2], ""),
+    ]);
+    assert_eq!(server_lines(&nginx.rendered()), want);
+    nginx.wait_spread(
+        30,
+        "all three replicas to serve",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+    assert_quiet(&nginx, &mut daemon, 1);
+}
+
+async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    for r in &replicas[..2] {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
+    // The daemon blocks on its next query (the first answered with alpha and bravo).
+    reg.wait_blocked().await;
+
+    let t = Instant::now();
+    reg.register(registration("charlie", &replicas[2], json!({})))
+        .await;
+    nginx.wait_spread(9, "charlie to serve", |s| s.contains_key("charlie"));
+    let served = t.elapsed();
+    println!(
+        "figure: consul registration → served: {} ms ({lane:?})",
+        served.as_millis()
+    );
+    assert!(served < Duration::from_secs(1), "served after {served:?}");
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    nginx.wait_spread(
+        30,
+        "all three to serve",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+
+    reg.wait_blocked().await;
+    let t = Instant::now();
+    reg.deregister("alpha").await;
+    wait_for("alpha to leave the file", SHORT, || {
+        !nginx.rendered().contains(&replicas[0].addr)
+    });
+    nginx.wait_spread(
+        30,
+        "only bravo and charlie to serve",
+        exactly(&["bravo", "charlie"]),
+    );
+    println!(
+        "figure: consul deregistration → out of traffic: {} ms ({lane:?})",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(
+        server_lines(&nginx.rendered()).len(),
+        2,
+        "{}",
+        nginx.rendered()
+    );
+    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
+    assert_quiet(&nginx, &mut daemon, 3);
+}
+
+async fn maintenance_renders_down_and_back(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    for r in &replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    nginx.wait_spread(
+        30,
+        "all three to serve",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+
+    reg.maintenance("bravo", true).await;
+    wait_for("bravo rendered down", SHORT, || {
+        nginx.rendered().contains(&server(&replicas[1], " down"))
+    });
+    nginx.wait_spread(30, "bravo out of traffic", exactly(&["alpha", "charlie"]));
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    // Still listed (so hash distribution stays put), only marked down.
+    assert_eq!(server_lines(&nginx.rendered()).len(), 3);
+
+    reg.maintenance("bravo", false).await;
+    wait_for("bravo rendered up", SHORT, || {
+        nginx.rendered().contains(&server(&replicas[1], ""))
+    });
+    nginx.wait_spread(
+        30,
+        "bravo back in traffic",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
+    assert_quiet(&nginx, &mut daemon, 3);
+}
+
+async fn with_probes_off_consul_alone_decides(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    // bravo fails its health path, which nobody asks: Consul says passing, so it serves.
+    replicas[1].set_mode_and_wait("error", 503);
+    for r in &replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, false).to_toml());
+    first_apply(&nginx, &daemon);
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        in_render_order(vec![server(&replicas[0], ""), server(&replicas[1], "")]),
+        "both rendered up"
+    );
+    nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
+
+    reg.maintenance("bravo", true).await;
+    wait_for("bravo rendered down", SHORT, || {
+        nginx.rendered().contains(&server(&replicas[1], " down"))
+    });
+    nginx.wait_spread(20, "only alpha to serve", exactly(&["alpha"]));
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, 2);
+    assert!(
+        !daemon.output.text().contains("Endpoint health changed."),
+        "nothing was probed:\n{}",
+        daemon.output.text()
+    );
+}
+
+async fn an_instance_without_an_address_gets_the_node_address(lane: Lane) {
+    // The stand-in's node sits on 127.0.0.2, so only the node's address can reach that replica.
+    let Some(reg) = Registry::start_with(lane, None, "127.0.0.2").await else {
+        return;
+    };
+    let alpha = Replica::start("alpha");
+    let nodal = Replica::start_on(
+        "nodal",
+        &format!("{}:{}", reg.node_address, free_port()),
+        &[],
+    );
+    reg.register(registration("alpha", &alpha, json!({}))).await;
+    reg.register(instance("nodal", "", nodal.port(), &[], json!({})))
+        .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    assert!(
+        server_lines(&nginx.rendered()).contains(&server(&nodal, "")),
+        "{} rendered",
+        nodal.addr
+    );
+    nginx.wait_spread(20, "both to serve", exactly(&["alpha", "nodal"]));
+    assert_quiet(&nginx, &mut daemon, 1);
+}
+
+async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    reg.register(registration("alpha", &replicas[0], json!({})))
+        .await;
+    reg.register(registration(
+        "bravo-heavy",
+        &replicas[1],
+        json!({"weight": "heavy"}),
+    ))
+    .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    assert_eq!(server_lines(&nginx.rendered()), [server(&replicas[0], "")]);
+    nginx.wait_spread(20, "alpha alone to serve", exactly(&["alpha"]));
+
+    // Another change re-renders; the bad entry still stays out, and is not warned about again.
+    reg.register(registration("charlie", &replicas[2], json!({})))
+        .await;
+    nginx.wait_spread(
+        20,
+        "alpha and charlie to serve",
+        exactly(&["alpha", "charlie"]),
+    );
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert!(!nginx.rendered().contains(&replicas[1].addr));
+    let log = daemon.output.text();
+    let warning = "Skipped Consul service ID bravo-heavy";
+    assert_eq!(log.matches(warning).count(), 1, "warned once:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(warning) && l.contains("weight")),
+        "the warning says why:\n{log}"
+    );
+    assert_quiet(&nginx, &mut daemon, 2);
+}
+
+async fn the_token_is_sent_and_never_logged(lane: Lane) {
+    const TOKEN: &str = "5c0ffee5-7a1e-4b1d-9e3a-0dd5ca1ab1e5";
+    let Some(reg) = Registry::start(lane, Some(TOKEN)).await else {
+        return;
+    };
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    reg.register(registration("alpha", &replicas[0], json!({})))
+        .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("consul.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let cfg = config(&nginx, &reg, true).source("token_file", token_file.display().to_string());
+    let mut daemon = Daemon::start(&cfg.to_toml());
+    first_apply(&nginx, &daemon);
+    reg.register(registration("bravo", &replicas[1], json!({})))
+        .await;
+    nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
+    if lane == Lane::Standin {
+        assert_eq!(reg.stats().await["last_health_token"], TOKEN);
+    }
+    let log = daemon.output.text();
+    assert!(log.contains("Consul blocking query sent."), "{log}");
+    assert!(
+        !log.contains(TOKEN),
+        "the token leaked into the log:\n{log}"
+    );
+    assert!(daemon.alive());
+}
+
+async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
+    for r in &replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
+
+    // The daemon's own probes are the clock: 30 of them at 200 ms over two replicas are
+    // about 3 s of its time, one or two blocking queries' wait.
+    let logged = queries(&daemon);
+    let served = match lane {
+        Lane::Standin => reg.health_requests().await,
+        Lane::RealConsul => 0,
+    };
+    let (probes, _) = daemon.activity();
+    wait_for("30 more probes", SHORT, || {
+        daemon.activity().0 >= probes + 30.0
+    });
+    let sent = queries(&daemon) - logged;
+    assert_quiet(&nginx, &mut daemon, 1);
+    println!("figure: consul quiet service: {sent} requests in 30 probe rounds with wait = 2s ({lane:?})");
+    // One blocking query per wait (2s, plus up to wait/16 of server jitter).
+    assert!(
+        (1..=3).contains(&sent),
+        "blocking queries, not a poll loop: {sent} in 30 probe rounds"
+    );
+    if lane == Lane::Standin {
+        let at_server = reg.health_requests().await - served;
+        assert!(
+            at_server.abs_diff(sent as u64) <= 1,
+            "the stand-in saw {at_server}, the daemon logged {sent}"
+        );
+    }
+}
+
+async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
+    for r in &replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+
+    // SIGHUP restarts the source; it lists the same service again.
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the config reload", SHORT, || {
+        daemon.output.text().contains("Configuration reloaded.")
+    });
+    assert_quiet(&nginx, &mut daemon, 1);
+
+    // The restarted source still follows the service.
+    reg.deregister("alpha").await;
+    nginx.wait_spread(
+        20,
+        "bravo and charlie to serve",
+        exactly(&["bravo", "charlie"]),
+    );
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, 2);
+}
+
+async fn an_empty_service_renders_the_placeholder_until_the_first_registration(lane: Lane) {
+    let Some(reg) = Registry::start(lane, None).await else {
+        return;
+    };
+    let alpha = Replica::start("alpha");
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        ["server 127.0.0.1:1 down;"]
+    );
+    assert!(nginx.test_config().status.success());
+    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+
+    reg.register(registration("alpha", &alpha, json!({}))).await;
+    nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
+    assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection: stand-in only.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn after_an_index_reset_changes_still_arrive() {
+    let reg = Registry::start(Lane::Standin, None).await.unwrap();
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    reg.register(registration("alpha", &replicas[0], json!({})))
+        .await;
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    reg.wait_blocked().await;
+
+    // The index drops below the one the daemon blocks on, as after a snapshot restore.
+    reg.fault("reset-index").await;
+    // It sees the index go back, asks again from 0, and blocks on the new index.
+    wait_for("the index to go back", SHORT, || {
+        daemon.output.text().contains("went backwards")
+    });
+    reg.wait_blocked().await;
+    let t = Instant::now();
+    reg.register(registration("bravo", &replicas[1], json!({})))
+        .await;
+    nginx.wait_spread(
+        20,
+        "bravo to serve after the reset",
+        exactly(&["alpha", "bravo"]),
+    );
+    let first = t.elapsed();
+    reg.wait_blocked().await;
+    let t = Instant::now();
+    reg.register(registration("charlie", &replicas[2], json!({})))
+        .await;
+    nginx.wait_spread(
+        30,
+        "charlie to serve, blocking on the new low index",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+    let second = t.elapsed();
+    println!(
+        "figure: consul index reset → next registrations served in {} ms and {} ms",
+        first.as_millis(),
+        second.as_millis()
+    );
+    // Sooner than the 2s wait: a woken query, not one that timed out.
+    assert!(second < Duration::from_secs(1), "{second:?}");
+    daemon.wait_log("went backwards");
+    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
+    assert_quiet(&nginx, &mut daemon, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
+    let reg = Registry::start(Lane::Standin, None).await.unwrap();
+    let replicas = [
+        Replica::start("alpha"),
+        Replica::start("bravo"),
+        Replica::start("charlie"),
+    ];
+    for r in &replicas[..2] {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+    let nginx = Nginx::start("kotaemon");
+    let _report = report_on_failure(&nginx);
+    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
+    first_apply(&nginx, &daemon);
+    nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
+    let bytes = std::fs::read(nginx.output()).unwrap();
+
+    let outage = Instant::now();
+    reg.fault("error500").await;
+    // The query in flight ends with its wait (2s); the next one gets the 500.
+    assert_outage_changes_nothing(
+        &nginx,
+        &mut daemon,
+        &bytes,
+        outage + Duration::from_secs(5),
+        &["alpha", "bravo"],
+    );
+    assert_eq!(
+        daemon
+            .output
+            .text()
+            .matches("Source failed; keeping its last snapshot")
+            .count(),
+        1,
+        "reported once per outage"
+    );
+
+    reg.fault("none").await;
+    let back = Instant::now();
+    reg.register(registration("charlie", &replicas[2], json!({})))
+        .await;
+    nginx.wait_spread(
+        30,
+        "charlie to serve after the outage",
+        exactly(&["alpha", "bravo", "charlie"]),
+    );
+    let recovery = back.elapsed();
+    println!(
+        "figure: consul recovery after a 5 s outage: {} ms (a registration made as Consul came back → served)",
+        recovery.as_millis()
+    );
+    // Retry backoff is capped at 3s; then one blocking query and one reload.
+    assert!(recovery < Duration::from_secs(4), "{recovery:?}");
+    daemon.wait_log("Source recovered.");
+    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
+    assert_quiet(&nginx, &mut daemon, 2);
+}
