@@ -1,6 +1,7 @@
 //! The little HTTP/1.1 a probe needs to read an answer: the response head (skipping 1xx),
 //! the body's framing (Content-Length, chunked, until close) and its decoding, and a search
 //! for the expected text across chunks. Pure: no I/O, so every cut of the wire is testable.
+#![cfg_attr(feature = "probe-hyper", allow(dead_code))]
 
 use super::probe::MAX_BODY_SCAN;
 
