@@ -1,5 +1,4 @@
 //! One HTTP probe of one endpoint: GET the health path, judge status and body, within a deadline.
-#![cfg_attr(feature = "probe-hyper", allow(dead_code, unused_imports))]
 
 use std::fmt;
 use std::time::Duration;
@@ -151,9 +150,6 @@ pub(crate) struct ProbeTarget {
     connect_to: Arc<str>,
     /// The request's bytes.
     request: Vec<u8>,
-    /// The request target and `Host` (for the hyper variant).
-    #[cfg(feature = "probe-hyper")]
-    target_host: (String, String),
 }
 
 /// How a probe's exchange failed below HTTP.
@@ -197,8 +193,6 @@ impl ProbeTarget {
         Ok(Self {
             connect_to,
             request,
-            #[cfg(feature = "probe-hyper")]
-            target_host: (target, host),
         })
     }
 
@@ -262,86 +256,6 @@ impl ProbeTarget {
 
     /// Sends the request on `stream` and judges the answer: the outcome and, when the
     /// connection may carry the next probe, what is left to read of this answer.
-    #[cfg(feature = "probe-hyper")]
-    async fn exchange(
-        &self,
-        stream: TcpStream,
-        cfg: &HealthConfig,
-        reused: bool,
-    ) -> Result<(ProbeOutcome, Option<Rest>), Failure> {
-        use http_body_util::BodyExt;
-        let early = |what: String| {
-            if reused {
-                Failure::Stale(what)
-            } else {
-                Failure::Other(what)
-            }
-        };
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| Failure::Other(format!("handshake: {e}")))?;
-        let conn = conn.without_shutdown();
-        let (target, host) = &self.target_host;
-        let request = http::Request::get(target.as_str())
-            .header(http::header::HOST, host.as_str())
-            .header(http::header::USER_AGENT, USER_AGENT)
-            .header(http::header::ACCEPT, "*/*")
-            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .map_err(|e| Failure::Other(format!("request: {e}")))?;
-        let judged = async move {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| early(format!("send: {e}")))?;
-            let status = response.status().as_u16();
-            let mut body = response.into_body();
-            let (lo, hi) = cfg.expect_status;
-            let mut outcome = if !(lo..=hi).contains(&status) {
-                Some(ProbeOutcome::BadStatus(status))
-            } else if cfg.expect_body.is_none() {
-                Some(ProbeOutcome::Ok)
-            } else {
-                None
-            };
-            let needle = cfg.expect_body.as_deref().unwrap_or("").as_bytes();
-            let mut scan = Scan::new(needle);
-            let mut read = 0usize;
-            // Read to the end (so the connection can be kept), judging on the way.
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| Failure::Other(format!("receive: {e}")))?;
-                if let Some(data) = frame.data_ref() {
-                    read += data.len();
-                    if outcome.is_none() && !scan.exhausted() {
-                        scan.feed(data);
-                        if scan.found() {
-                            outcome = Some(ProbeOutcome::Ok);
-                        }
-                    }
-                    if read > 2 * MAX_BODY_SCAN {
-                        return Ok((outcome.unwrap_or(ProbeOutcome::BodyMismatch), false));
-                    }
-                }
-            }
-            drop(sender);
-            Ok((outcome.unwrap_or(ProbeOutcome::BodyMismatch), true))
-        };
-        let (parts, judged) = tokio::join!(conn, judged);
-        let (outcome, whole) = judged?;
-        let rest = match parts {
-            Ok(parts) if whole && parts.read_buf.is_empty() => Some(Rest {
-                stream: parts.io.into_inner(),
-                buf: Vec::new(),
-                body: Body::new(Framing::Length(0)),
-            }),
-            _ => None,
-        };
-        Ok((outcome, rest))
-    }
-
-    /// Sends the request on `stream` and judges the answer: the outcome and, when the
-    /// connection may carry the next probe, what is left to read of this answer.
-    #[cfg(not(feature = "probe-hyper"))]
     async fn exchange(
         &self,
         mut stream: TcpStream,
