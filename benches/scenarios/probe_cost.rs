@@ -19,6 +19,39 @@ use crate::procs::{self, Nginx, Proc, Upstreamd};
 /// it is started only up to this many servers.
 pub const HAPROXY_MAX_SERVERS: usize = 5_000;
 
+/// HAProxy opens a connection per check; each closed one stays in the kernel's connection
+/// tracking table for 120 s (TIME_WAIT). At 5,000 servers that fills this machine's table
+/// (262,144) in under a minute, and from then on the kernel drops new connections machine-wide
+/// (`nf_conntrack: table full, dropping packet`): every peer's probes fail. So each size starts
+/// once the table is at most this full, waiting at most [`CONNTRACK_WAIT`].
+const CONNTRACK_START_AT_MOST: f64 = 0.25;
+const CONNTRACK_WAIT: Duration = Duration::from_secs(150);
+
+/// The connection tracking table's use (entries, capacity), where the kernel tracks.
+pub fn conntrack() -> Option<(u64, u64)> {
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((read("nf_conntrack_count")?, read("nf_conntrack_max")?))
+}
+
+/// Waits (bounded) until the connection tracking table is at most a quarter full.
+pub async fn wait_for_conntrack() {
+    let started = tokio::time::Instant::now();
+    while let Some((count, max)) = conntrack() {
+        if count as f64 <= CONNTRACK_START_AT_MOST * max as f64
+            || started.elapsed() > CONNTRACK_WAIT
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// One peer's cost over the window.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerCost {

@@ -81,6 +81,7 @@ fn fleet_conf(ports: std::ops::Range<usize>, ctl_port: u16) -> String {
 
 pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
     let plan = env.plan.clone();
+    crate::probe_cost::wait_for_conntrack().await;
     // The fleet.
     let mut fleet = Vec::new();
     let first = FLEET_FIRST_PORT as usize;
