@@ -154,7 +154,12 @@ fn upstreams(n: usize) -> String {
     format!("{n} upstream{}", if n == 1 { "" } else { "s" })
 }
 
-#[tokio::main]
+// One thread: thousands of probe tasks and the loop they report to then wake each other
+// without a cross-thread wake-up (a futex call and a context switch) per probe. At 5,000
+// endpoints probed every second this cut upstreamd's CPU by about a third (BENCHMARKS.md,
+// section 5). Nothing here blocks the thread: file writes run on the blocking pool and
+// `nginx -t` as a child process.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -85,8 +85,8 @@ impl Plan {
                 tokens: 80,
                 token_delay_ms: 100,
                 tabs: 2,
-                scale: vec![1_000, 10_000],
-                scale_warmup_s: 5.0,
+                scale: vec![1_000, 2_000, 5_000, 10_000],
+                scale_warmup_s: 15.0,
                 scale_window_s: 20.0,
                 render_runs: 51,
             }

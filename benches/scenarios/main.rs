@@ -19,6 +19,7 @@ mod discovery;
 mod env;
 mod fail;
 mod haproxy;
+mod probe_cost;
 mod procs;
 mod render_timing;
 mod report;

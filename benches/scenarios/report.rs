@@ -667,6 +667,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
                 );
             }
             let _ = writeln!(md);
+            peers_markdown(&mut md, &r.scale);
         }
         if !r.render.is_empty() {
             let _ = writeln!(
@@ -708,4 +709,43 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
         json.trim_start_matches('/')
     );
     md
+}
+
+/// Section 5's peers: upstreamd beside HAProxy (and a baseline upstreamd), same fleet, same
+/// window.
+fn peers_markdown(md: &mut String, scale: &[crate::scale::ScaleResult]) {
+    if scale.iter().all(|s| s.peers.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Probe cost beside the peers, measured over the same window against the same fleet: \
+         HAProxy 2.6 (`option httpchk GET /queue/status`, `http-check expect string`, `inter 1s`, \
+         rise/fall 2, a new connection per check; up to 5,000 servers, the open-file limit) and, \
+         when `UPSTREAMD_BENCH_BASELINE` names one, another upstreamd binary (\"baseline\"). \
+         Cores = CPU time ÷ window; MiB = RSS max; up = servers held up at the window's end.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| endpoints | upstreamd | upstreamd baseline | HAProxy |\n|---|---|---|---|"
+    );
+    let cell = |cpu: f64, mib: f64, up: f64| format!("{cpu:.3} core, {mib:.1} MiB, {up:.0} up");
+    for s in scale {
+        let peer = |name: &str| {
+            s.peers
+                .iter()
+                .find(|p| p.peer == name)
+                .map(|p| cell(p.cpu_share, p.rss_mib_max, p.up))
+                .unwrap_or_else(|| "—".into())
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            s.endpoints,
+            cell(s.cpu_share, s.rss_mib_max, s.healthy),
+            peer("upstreamd baseline"),
+            peer("haproxy")
+        );
+    }
+    let _ = writeln!(md);
 }

@@ -2,7 +2,9 @@
 //! on that many ports of 127.0.77.1 stands in for the fleet (`/queue/status` answers like
 //! Kotaemon's); upstreamd keeps the include of a second nginx. Measured in steady state:
 //! upstreamd's CPU share and RSS, probes per second, renders and reloads (there should be
-//! none); and for the file: render+diff, `nginx -t` and reload times.
+//! none); and for the file: render+diff, `nginx -t` and reload times. Its peers
+//! ([`crate::probe_cost`]: HAProxy, a baseline upstreamd) check the same fleet over the same
+//! window.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::env::{front_conf, placeholder, upstreamd_toml, Balance, Env, Source};
+use crate::probe_cost::{PeerCost, Peers};
 use crate::procs::{self, Nginx, Upstreamd};
 use crate::render_timing::{time_render, RenderTiming};
 use crate::stats::{percentile, sorted};
@@ -18,7 +21,8 @@ use crate::stats::{percentile, sorted};
 pub const FLEET_IP: &str = "127.0.77.1";
 pub const FLEET_FIRST_PORT: u16 = 20_000;
 /// Ports per fleet nginx: each worker holds a listening socket per port and a connection per
-/// probed endpoint, and the open-file limit here may not be raised above 20,000.
+/// probed endpoint and prober (upstreamd, its baseline; HAProxy's are short-lived), and the
+/// open-file limit here may not be raised above 20,000.
 const PORTS_PER_FLEET_NGINX: usize = 5_000;
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +53,8 @@ pub struct ScaleResult {
     /// upstreamd's own apply (write, `nginx -t`, SIGHUP, new generation confirmed), mean.
     pub apply_ms: f64,
     pub render: RenderTiming,
+    /// HAProxy and the baseline upstreamd over the same window.
+    pub peers: Vec<PeerCost>,
 }
 
 /// A fleet nginx answering on `ports` of [`FLEET_IP`].
@@ -69,12 +75,13 @@ fn fleet_conf(ports: std::ops::Range<usize>, ctl_port: u16) -> String {
          location = /queue/status {{\n      default_type application/json;\n      \
          return 200 '{{\"msg\":\"estimation\",\"event_id\":null,\"rank\":null,\"queue_size\":0,\"rank_eta\":null}}';\n    }}\n    \
          location / {{ return 404 '{{\"detail\":\"Not Found\"}}'; }}\n  }}\n}}\n",
-        conns = 2 * n + 2048,
+        conns = 3 * n + 2048,
     )
 }
 
 pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
     let plan = env.plan.clone();
+    crate::probe_cost::wait_for_conntrack().await;
     // The fleet.
     let mut fleet = Vec::new();
     let first = FLEET_FIRST_PORT as usize;
@@ -137,6 +144,8 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
     )?;
     u.wait_ready(Duration::from_secs(90)).await?;
     let ready_s = started.elapsed().as_secs_f64();
+    let mut running_peers = Peers::start(env, &addrs).await?;
+    let peer_pids = running_peers.pids();
     tokio::time::sleep(Duration::from_secs_f64(plan.scale_warmup_s)).await;
 
     // Steady state.
@@ -151,6 +160,11 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
         || -> Option<u64> { fleet_workers.iter().map(|p| procs::cpu_ticks(*p)).sum() };
     let ticks = procs::clock_ticks();
     let (cpu0, fleet0) = (procs::cpu_ticks(pid), fleet_ticks());
+    let peer_cpu0: Vec<Option<u64>> = peer_pids
+        .iter()
+        .map(|(_, p)| procs::cpu_ticks(*p))
+        .collect();
+    let mut peer_rss = vec![0.0f64; peer_pids.len()];
     let probes0 = u.metric("upstreamd_probes_total").await?;
     let ok0 = u
         .metric_where("upstreamd_probes_total", "result=\"ok\"")
@@ -163,10 +177,20 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
         if let Some(kib) = procs::rss_kib(pid) {
             rss.push(kib as f64 / 1024.0);
         }
+        for ((_, p), max) in peer_pids.iter().zip(&mut peer_rss) {
+            if let Some(kib) = procs::rss_kib(*p) {
+                *max = max.max(kib as f64 / 1024.0);
+            }
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let window = t0.elapsed().as_secs_f64();
     let (cpu1, fleet1) = (procs::cpu_ticks(pid), fleet_ticks());
+    let peer_cpu1: Vec<Option<u64>> = peer_pids
+        .iter()
+        .map(|(_, p)| procs::cpu_ticks(*p))
+        .collect();
+    let peer_up = running_peers.up().await?;
     let probes = u.metric("upstreamd_probes_total").await? - probes0;
     let ok = u
         .metric_where("upstreamd_probes_total", "result=\"ok\"")
@@ -187,6 +211,19 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
         (Some(a), Some(b)) => (b - a) as f64 / ticks / window,
         _ => f64::NAN,
     };
+
+    let peers: Vec<PeerCost> = peer_pids
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| PeerCost {
+            peer: name.clone(),
+            cpu_share: share(peer_cpu0[i], peer_cpu1[i]),
+            rss_mib_max: peer_rss[i],
+            up: peer_up[i],
+        })
+        .collect();
+    // Stopped before timing the file, so they do not share the CPU with `nginx -t`.
+    drop(running_peers);
 
     // The file's own costs, with upstreamd stopped so it does not react to our reloads.
     u.stop();
@@ -228,5 +265,6 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
             f64::NAN
         },
         render,
+        peers,
     })
 }

@@ -179,6 +179,8 @@ impl<N: Nginx> Controller<N> {
                         carry_snapshots(&prev, &mut state);
                         if prev.cfg.health == state.cfg.health {
                             state.health = prev.health;
+                            state.first_probe_horizon =
+                                state.first_probe_horizon.max(prev.first_probe_horizon);
                             state.hinted_404 = prev.hinted_404;
                         }
                     }

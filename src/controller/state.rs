@@ -125,6 +125,10 @@ pub struct UpstreamState {
     /// shrink guard's baseline for the first full set of answers, so a restart without
     /// `state_dir` (or with an unreadable snapshot) does not forget what nginx serves.
     pub on_disk: BTreeSet<Address>,
+    /// No endpoint in `health` is awaited for its first probe after this moment (the latest
+    /// grace deadline handed out), so that the loop's check on every wake-up costs nothing
+    /// once the first probes are in, instead of a walk over every endpoint per probe result.
+    pub(super) first_probe_horizon: Option<Instant>,
 }
 
 fn describe(outcome: &ProbeOutcome) -> String {
@@ -166,6 +170,7 @@ impl UpstreamState {
             hinted_404: false,
             generation: 0,
             on_disk: BTreeSet::new(),
+            first_probe_horizon: None,
         }
     }
 
@@ -288,7 +293,8 @@ impl UpstreamState {
         for a in &delta.removed {
             self.health.remove(a);
         }
-        if self.cfg.health.enabled {
+        if self.cfg.health.enabled && !delta.added.is_empty() {
+            self.await_first_probes(now);
             for a in &delta.added {
                 self.health
                     .entry(a.clone())
@@ -308,6 +314,7 @@ impl UpstreamState {
     /// `Unknown` and are waited for as new ones are.
     pub fn reset_health(&mut self, now: Instant) {
         self.hinted_404 = false;
+        self.await_first_probes(now);
         self.health = if self.cfg.health.enabled {
             self.endpoints
                 .keys()
@@ -364,9 +371,23 @@ impl UpstreamState {
                 .all(|h| h.last.as_ref().is_some_and(|l| l.detail == "status 404"))
     }
 
+    /// How long a new endpoint's first probe is waited for.
+    fn first_probe_grace(&self) -> Duration {
+        self.cfg.health.timeout + Duration::from_millis(500)
+    }
+
+    /// Endpoints entering `health` at `now` are awaited until `now` + the grace.
+    fn await_first_probes(&mut self, now: Instant) {
+        let until = now + self.first_probe_grace();
+        self.first_probe_horizon = self.first_probe_horizon.max(Some(until));
+    }
+
     /// The earliest moment a still-unprobed endpoint stops being waited for, if one is pending.
     pub fn pending_first_probe(&self, now: Instant) -> Option<Instant> {
-        let grace = self.cfg.health.timeout + Duration::from_millis(500);
+        if !self.first_probe_horizon.is_some_and(|until| until > now) {
+            return None;
+        }
+        let grace = self.first_probe_grace();
         self.health
             .values()
             .filter(|h| h.state.health() == Health::Unknown)
@@ -491,6 +512,31 @@ pub(super) mod tests {
         assert_eq!(t.to, Health::Up);
         assert!(why.starts_with("first probe"));
         assert_eq!(s.pending_first_probe(now), None);
+    }
+
+    #[test]
+    fn an_endpoint_added_after_the_first_probes_is_awaited_for_its_own() {
+        let mut s = state();
+        let start = Instant::now();
+        s.on_source(0, snap(&["127.0.0.2:80"]), start);
+        let a: Address = "127.0.0.2:80".parse().unwrap();
+        s.on_probe(&a, &ProbeOutcome::Ok, Duration::from_millis(1), start);
+        let later = start + Duration::from_secs(10);
+        assert_eq!(s.pending_first_probe(later), None);
+        s.on_source(0, snap(&["127.0.0.2:80", "127.0.0.3:80"]), later);
+        assert_eq!(
+            s.pending_first_probe(later),
+            Some(later + Duration::from_millis(1500))
+        );
+        // A health config change starts every endpoint over: each is awaited again.
+        let b: Address = "127.0.0.3:80".parse().unwrap();
+        s.on_probe(&b, &ProbeOutcome::Ok, Duration::from_millis(1), later);
+        let reset = later + Duration::from_secs(10);
+        s.reset_health(reset);
+        assert_eq!(
+            s.pending_first_probe(reset),
+            Some(reset + Duration::from_millis(1500))
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub struct Client {
 #[derive(Debug)]
 struct Idle {
     /// Where it is connected (`host:port`), so a shared slot never crosses endpoints.
-    to: String,
+    to: Arc<str>,
     stream: TcpStream,
     since: Instant,
 }
@@ -96,7 +96,7 @@ impl Client {
     /// The idle connection to `to`, if there is one that is young enough and still open.
     fn take(&self, to: &str) -> Option<TcpStream> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        if idle.to != to || idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
+        if *idle.to != *to || idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
             return None;
         }
         // An idle connection has nothing to say: end of stream or bytes both mean it is
@@ -108,9 +108,9 @@ impl Client {
         }
     }
 
-    fn put(&self, to: &str, stream: TcpStream) {
+    fn put(&self, to: &Arc<str>, stream: TcpStream) {
         *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(Idle {
-            to: to.to_owned(),
+            to: Arc::clone(to),
             stream,
             since: Instant::now(),
         });
@@ -140,8 +140,9 @@ pub async fn probe_once(client: &Client, address: &Address, cfg: &HealthConfig) 
 /// What a probe sends, built once per endpoint task so a probe only writes it.
 #[derive(Debug, Clone)]
 pub(crate) struct ProbeTarget {
-    /// `host:port` to connect to.
-    connect_to: String,
+    /// `host:port` to connect to (shared with the idle connection's label, so keeping a
+    /// connection allocates nothing).
+    connect_to: Arc<str>,
     /// The request's bytes.
     request: Vec<u8>,
 }
@@ -163,7 +164,7 @@ impl ProbeTarget {
             .map_err(|e| ProbeOutcome::Error(format!("invalid probe URL `{url}`: {e}")))?;
         let host_name = url.host_str().unwrap_or_default().to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
-        let connect_to = format!("{host_name}:{port}");
+        let connect_to: Arc<str> = format!("{host_name}:{port}").into();
         let host = match &cfg.host {
             None => match url.port() {
                 Some(p) => format!("{host_name}:{p}"),
@@ -223,9 +224,16 @@ impl ProbeTarget {
         };
         if let Some(mut rest) = rest {
             // The verdict is in; what is left of the body is read only if it comes promptly,
-            // to keep the connection. Otherwise it is closed, never the verdict changed.
-            let until = deadline.min(Instant::now() + DRAIN_GRACE);
-            if let Ok(Ok(())) = timeout_at(until, rest.drain()).await {
+            // to keep the connection. Otherwise it is closed, never the verdict changed. The
+            // usual answer is already whole: kept without arming a timer.
+            let kept = match rest.whole() {
+                Some(whole) => whole.is_ok(),
+                None => {
+                    let until = deadline.min(Instant::now() + DRAIN_GRACE);
+                    matches!(timeout_at(until, rest.drain()).await, Ok(Ok(())))
+                }
+            };
+            if kept {
                 client.put(&self.connect_to, rest.stream);
             }
         }
@@ -233,7 +241,7 @@ impl ProbeTarget {
     }
 
     async fn connect(&self) -> Result<TcpStream, ProbeOutcome> {
-        let stream = TcpStream::connect(self.connect_to.as_str())
+        let stream = TcpStream::connect(&*self.connect_to)
             .await
             .map_err(|e| ProbeOutcome::Error(format!("connect: {e}")))?;
         // A failure here only costs latency; the probe still works.
@@ -259,7 +267,9 @@ impl ProbeTarget {
         if let Err(e) = stream.write_all(&self.request).await {
             return Err(early(format!("send: {e}")));
         }
-        let mut buf: Vec<u8> = Vec::with_capacity(1024);
+        // Small enough for the allocator's per-thread cache (a whole health answer usually
+        // fits); grown only when a read finds it nearly full.
+        let mut buf: Vec<u8> = Vec::with_capacity(HEAD_BUF);
         // The head, skipping interim (1xx) answers.
         let (status, framing, keep_alive) = loop {
             match parse_head(&mut buf).map_err(Failure::Other)? {
@@ -268,7 +278,9 @@ impl ProbeTarget {
                     if buf.len() >= MAX_HEAD {
                         return Err(Failure::Other("response head over 64 KiB".into()));
                     }
-                    buf.reserve(1024);
+                    if buf.capacity() - buf.len() < HEAD_BUF / 4 {
+                        buf.reserve(HEAD_BUF);
+                    }
                     match stream.read_buf(&mut buf).await {
                         Ok(0) if buf.is_empty() => {
                             return Err(early("connection closed before the answer".into()))
@@ -326,6 +338,8 @@ impl ProbeTarget {
 const DRAIN_GRACE: Duration = Duration::from_millis(50);
 /// The longest response head read.
 const MAX_HEAD: usize = 64 * 1024;
+/// The first read buffer of an answer.
+const HEAD_BUF: usize = 512;
 
 /// A connection whose answer has been judged, with what is left of the body.
 struct Rest {
@@ -344,18 +358,29 @@ impl Rest {
         self.stream.read_buf(&mut self.buf).await
     }
 
+    /// Whether the answer is already read to its end with nothing after it, without reading:
+    /// `None` when more of the body is still to come.
+    fn whole(&mut self) -> Option<Result<(), String>> {
+        if let Err(e) = self.decode(|_| {}) {
+            return Some(Err(e));
+        }
+        if !self.body.done() {
+            return None;
+        }
+        Some(if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err("bytes after the answer".into())
+        })
+    }
+
     /// Reads the rest of the body (at most [`MAX_BODY_SCAN`] more bytes) so that the
     /// connection can carry the next probe; an error when it cannot.
     async fn drain(&mut self) -> Result<(), String> {
         let mut read = 0usize;
         loop {
-            self.decode(|_| {})?;
-            if self.body.done() {
-                return if self.buf.is_empty() {
-                    Ok(())
-                } else {
-                    Err("bytes after the answer".into())
-                };
+            if let Some(whole) = self.whole() {
+                return whole;
             }
             if read > MAX_BODY_SCAN {
                 return Err("body too long to drain".into());
@@ -724,7 +749,7 @@ pub(crate) mod tests {
     fn probe_urls_bracket_ipv6_and_keep_the_query() {
         let address: Address = "[::1]:7860".parse().unwrap();
         let target = ProbeTarget::new(&address, &health("/queue/status?x=1")).unwrap();
-        assert_eq!(target.connect_to, "[::1]:7860");
+        assert_eq!(&*target.connect_to, "[::1]:7860");
         assert!(
             target
                 .request

@@ -7,7 +7,8 @@
 //! same order, so it agrees with the controller's; it only paces the probes, it decides
 //! nothing. A [`ProbeTrigger`] (the nginx error-log feed) can bring a probe forward. A shared
 //! semaphore bounds the probes in flight; each task keeps its endpoint's connection alive
-//! between probes.
+//! between probes. Due times fall on a shared 10 ms grid wherever the jitter allows, so the
+//! probes of many endpoints share one wake-up of the runtime.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +31,10 @@ const FIRST_PROBE_SPREAD_PER_ENDPOINT: Duration = Duration::from_millis(2);
 const MAX_FIRST_PROBE_SPREAD: Duration = Duration::from_millis(200);
 /// A floor under every period, so a zero can never turn a task into a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Probes are due on a shared grid of this step where one lies within their jitter, so that
+/// the probes of many endpoints fire together: one wake-up of the runtime for dozens of
+/// probes instead of one each (at 5,000 endpoints, 50 probes per tick).
+const TICK: Duration = Duration::from_millis(10);
 
 /// The result of one probe of one endpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +60,8 @@ pub struct Prober {
     permits: Arc<Semaphore>,
     upstreams: BTreeMap<UpstreamName, Probed>,
     trigger: ProbeTrigger,
+    /// The origin of the [`TICK`] grid every task's probes fall on.
+    epoch: Instant,
     #[cfg(test)]
     script: Option<Script>,
 }
@@ -148,6 +155,7 @@ impl Prober {
             permits: Arc::new(Semaphore::new(permits)),
             upstreams: BTreeMap::new(),
             trigger: ProbeTrigger::default(),
+            epoch: Instant::now(),
             #[cfg(test)]
             script: None,
         }
@@ -206,6 +214,7 @@ impl Prober {
                 permits: Arc::clone(&self.permits),
                 tx: self.tx.clone(),
                 poke: Arc::clone(&poke),
+                epoch: self.epoch,
                 #[cfg(test)]
                 script: self.script.clone(),
             };
@@ -267,6 +276,8 @@ struct Task {
     tx: mpsc::Sender<ProbeReport>,
     /// Rung by the [`ProbeTrigger`].
     poke: Arc<Notify>,
+    /// The origin of the [`TICK`] grid.
+    epoch: Instant,
     #[cfg(test)]
     script: Option<Script>,
 }
@@ -317,9 +328,13 @@ impl Task {
                 return; // The controller is gone; nobody needs probes any more.
             }
             let (pace, period) = verdict.next_delay(&schedule);
+            let (shortest, longest) = jitter_range(pace, period);
+            let delay = jittered(pace, period);
+            let at = next_due(due, Instant::now(), delay);
+            let (earliest, latest) = (at - (delay - shortest), at + (longest - delay));
             sleep
                 .as_mut()
-                .reset(next_due(due, Instant::now(), jittered(pace, period)));
+                .reset(on_tick(at, earliest, latest, self.epoch));
         }
     }
 
@@ -367,8 +382,35 @@ fn first_probe_spread(new: usize, interval: Duration) -> Duration {
 /// `period` ±10%, so endpoints started together drift apart instead of firing in lockstep. At
 /// the fast pace only downwards (−10%…0), so the documented detection bound holds as written.
 fn jittered(pace: Pace, period: Duration) -> Duration {
+    let (shortest, longest) = jitter_range(pace, period);
+    rand::thread_rng().gen_range(shortest..=longest)
+}
+
+/// The shortest and longest delay [`jittered`] gives.
+fn jitter_range(pace: Pace, period: Duration) -> (Duration, Duration) {
     let most = if pace == Pace::Fast { 1.0 } else { 1.1 };
-    period.mul_f64(rand::thread_rng().gen_range(0.9..=most))
+    (period.mul_f64(0.9), period.mul_f64(most))
+}
+
+/// `at` moved onto the [`TICK`] grid counted from `epoch`: the grid point at or before it if
+/// that is not before `earliest`, else the next one if that is not after `latest`, else `at`
+/// itself (a jitter range narrower than a tick).
+fn on_tick(at: Instant, earliest: Instant, latest: Instant, epoch: Instant) -> Instant {
+    let Some(since) = at.checked_duration_since(epoch) else {
+        return at;
+    };
+    let ticks = since.as_nanos() / TICK.as_nanos();
+    let Ok(ticks) = u32::try_from(ticks) else {
+        return at;
+    };
+    let below = epoch + TICK * ticks;
+    if below >= earliest {
+        below
+    } else if below + TICK <= latest {
+        below + TICK
+    } else {
+        at
+    }
 }
 
 /// When the next probe is due, `period` after the one `due` at the time; if that moment has
@@ -880,6 +922,26 @@ mod tests {
             let j = jittered(Pace::Fast, fast);
             assert!((Duration::from_millis(180)..=fast).contains(&j), "{j:?}");
         }
+    }
+
+    #[test]
+    fn probes_due_within_the_same_tick_fire_together_and_stay_within_their_jitter() {
+        let epoch = Instant::now();
+        let ms = Duration::from_millis;
+        let wide = |at: Instant| on_tick(at, at - ms(100), at + ms(100), epoch);
+        // Everything due in (1000, 1010) ms runs at 1000 ms.
+        for due in [1000, 1001, 1005, 1009] {
+            assert_eq!(wide(epoch + ms(due)), epoch + ms(1000), "due at {due} ms");
+        }
+        assert_eq!(wide(epoch + ms(1010)), epoch + ms(1010));
+        // The tick below is before the earliest allowed moment: the tick above, if allowed.
+        let at = epoch + ms(1005);
+        assert_eq!(on_tick(at, at, at + ms(5), epoch), epoch + ms(1010));
+        // No tick within the range: as asked.
+        assert_eq!(on_tick(at, at - ms(2), at + ms(2), epoch), at);
+        // Before the epoch: as asked.
+        let early = epoch - ms(3);
+        assert_eq!(wide(early), early);
     }
 
     #[test]
