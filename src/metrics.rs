@@ -77,6 +77,21 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "1 while the desired file is not what nginx runs: waiting for settle, min_reload_interval or a retry, or the template fails.",
     ),
     (
+        "upstreamd_apply_held",
+        "gauge",
+        "1 while a change that takes no server out waits because more old nginx worker generations linger than max_old_generations.",
+    ),
+    (
+        "upstreamd_nginx_old_generations",
+        "gauge",
+        "Old nginx worker generations still shutting down (streams keep them alive), as last counted.",
+    ),
+    (
+        "upstreamd_nginx_old_workers",
+        "gauge",
+        "nginx workers still shutting down, across the old generations.",
+    ),
+    (
         "upstreamd_apply_failures_consecutive",
         "gauge",
         "Failed applies in a row; 0 after a success.",
@@ -168,6 +183,9 @@ impl Metrics {
         }
         m.set("upstreamd_apply_pending", &[], 0.0);
         m.set("upstreamd_apply_failures_consecutive", &[], 0.0);
+        m.set("upstreamd_apply_held", &[], 0.0);
+        m.set("upstreamd_nginx_old_generations", &[], 0.0);
+        m.set("upstreamd_nginx_old_workers", &[], 0.0);
         m.add("upstreamd_admin_connections_refused_total", &[], 0.0);
         m.declare_histogram("upstreamd_reload_duration_seconds", &[]);
         m

@@ -163,6 +163,10 @@ fn apply_line(a: &ApplyState) -> String {
         .unwrap_or_default();
     let (class, what) = match a.state {
         "in_sync" => ("muted", "nginx runs the desired file".to_owned()),
+        "held" => (
+            "bad",
+            format!("{}{next}", a.held.as_deref().unwrap_or("A change is held")),
+        ),
         "pending" if a.urgent => ("muted", format!("A removal is being applied{next}")),
         "pending" => (
             "muted",
@@ -186,6 +190,29 @@ fn apply_line(a: &ApplyState) -> String {
         ),
     };
     format!("<p class=\"{class}\" id=\"apply\">{}</p>", esc(&what))
+}
+
+/// The old nginx worker generations still shutting down, and the limit.
+fn generations_line(r: &StatusReport) -> String {
+    let limit = match r.max_old_generations {
+        0 => "no limit".to_owned(),
+        n => format!("max_old_generations = {n}"),
+    };
+    let what = match r.old_generations {
+        Some(g) => format!(
+            "Old nginx worker generations still shutting down: {} ({} workers; {limit})",
+            g.generations, g.workers
+        ),
+        None => format!("Old nginx worker generations: not counted yet ({limit})"),
+    };
+    let class = match r.old_generations {
+        Some(g) if g.generations > 0 => "",
+        _ => "muted",
+    };
+    format!(
+        "<p class=\"{class}\" id=\"old-generations\">{}</p>",
+        esc(&what)
+    )
 }
 
 /// The page for a status report.
@@ -214,6 +241,7 @@ pub fn render(r: &StatusReport) -> String {
         None => body.push_str("<div class=\"banner\" id=\"last-apply\">Nothing applied yet.</div>"),
     }
     body.push_str(&apply_line(&r.apply));
+    body.push_str(&generations_line(r));
     for u in &r.upstreams {
         body.push_str(&upstream_section(u));
     }
@@ -285,7 +313,10 @@ mod tests {
                 next_attempt_secs: None,
                 last_error: None,
                 render_error: None,
+                held: None,
             },
+            old_generations: None,
+            max_old_generations: 0,
         };
         let html = render(&r);
         assert!(html.contains("http-equiv=\"refresh\""));

@@ -9,6 +9,7 @@
 mod apply;
 pub mod changes;
 mod events;
+mod generations;
 mod reconfigure;
 pub mod saved;
 pub mod schedule;
@@ -134,6 +135,11 @@ pub struct Controller<N: Nginx> {
     gauges_stale: bool,
     /// Keeps each registry source's last good snapshot in `state_dir`, when set.
     saver: Option<Saver>,
+    /// nginx's old worker generations as last counted; `None` before the first count or
+    /// while nginx cannot be inspected.
+    old_generations: Option<crate::nginx::OldGenerations>,
+    /// Why the pending change waits for old generations to leave, while it does.
+    held: Option<String>,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -177,6 +183,8 @@ impl<N: Nginx> Controller<N> {
             notifier: Notifier::disabled(),
             gauges_stale: true,
             saver: None,
+            old_generations: None,
+            held: None,
             cfg,
         }
     }
@@ -252,6 +260,8 @@ impl<N: Nginx> Controller<N> {
             last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
             change_pending: self.schedule.is_pending(),
             apply: self.apply_state(now),
+            old_generations: self.old_generations,
+            max_old_generations: self.cfg.nginx.max_old_generations,
         }
     }
 
@@ -273,6 +283,8 @@ impl<N: Nginx> Controller<N> {
             .unwrap_or(Duration::from_secs(3600));
         let mut watchdog = tokio::time::interval(watchdog_every);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut count_generations = tokio::time::interval(generations::POLL);
+        count_generations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();
             let mut wake = self
@@ -305,6 +317,7 @@ impl<N: Nginx> Controller<N> {
                     let _ = request.send(self.status_report());
                     continue;
                 }
+                _ = count_generations.tick(), if mode == Mode::Run => self.count_generations().await,
                 Some(update) = self.source_rx.recv() => self.on_source(update),
                 Some(report) = self.probe_rx.recv() => {
                     self.on_probe(report);

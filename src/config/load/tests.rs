@@ -219,6 +219,7 @@ fn defaults_are_those_documented_on_the_fields() {
         (Duration::from_millis(500), Duration::from_secs(2))
     );
     assert_eq!(n.error_log, None);
+    assert_eq!(n.max_old_generations, 0);
 }
 
 #[test]
