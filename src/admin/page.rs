@@ -321,5 +321,46 @@ mod tests {
         let html = render(&r);
         assert!(html.contains("http-equiv=\"refresh\""));
         assert!(html.contains("starting"));
+        assert!(html.contains("Old nginx worker generations: not counted yet (no limit)"));
+    }
+
+    #[test]
+    fn a_held_change_and_the_old_generations_are_on_the_page() {
+        let apply = ApplyState {
+            state: "held",
+            on_disk: "previous",
+            nginx_confirmed: true,
+            urgent: false,
+            consecutive_failures: 0,
+            next_attempt_secs: Some(0.5),
+            last_error: None,
+            render_error: None,
+            held: Some("3 old nginx worker generations are still shutting down".into()),
+        };
+        let r = StatusReport {
+            version: "0.1.0",
+            ready: true,
+            uptime_secs: 1.0,
+            upstreams: vec![],
+            last_apply: None,
+            change_pending: true,
+            apply,
+            old_generations: Some(crate::nginx::OldGenerations {
+                generations: 3,
+                workers: 5,
+            }),
+            max_old_generations: 2,
+        };
+        let html = render(&r);
+        assert!(
+            html.contains(
+                "3 old nginx worker generations are still shutting down; next attempt in 0.5 s"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("still shutting down: 3 (5 workers; max_old_generations = 2)"),
+            "{html}"
+        );
     }
 }
