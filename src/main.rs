@@ -250,12 +250,28 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
+/// With `apply = "lua"`: creates `lua_secret_file` when it is missing (nginx reads it when it
+/// loads the include, so it must exist before the first `nginx -t`).
+fn ensure_lua_secret(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.nginx.apply != config::ApplyMode::Lua {
+        return Ok(());
+    }
+    let path = &cfg.nginx.lua.secret_file;
+    if nginx::lua::ensure_secret(path)? {
+        tracing::info!(path = %path.display(), "Created the secret nginx's Lua update server checks.");
+    }
+    Ok(())
+}
+
 async fn once(
     cfg: Config,
     renderer: Renderer,
     dry_run: bool,
     no_reload: bool,
 ) -> anyhow::Result<ExitCode> {
+    if !dry_run {
+        ensure_lua_secret(&cfg)?;
+    }
     let nginx = SystemNginx::new(&cfg.nginx);
     let controller = Controller::new(
         cfg,
@@ -288,6 +304,7 @@ async fn run(path: PathBuf, cfg: Config, renderer: Renderer) -> anyhow::Result<E
         Ok(n) => tracing::info!(removed = n, "Removed temp files left by an earlier run."),
         Err(error) => tracing::warn!(%error, "Could not clean leftover temp files."),
     }
+    ensure_lua_secret(&cfg)?;
     let nofile = raise_nofile_limit();
     let shutdown = CancellationToken::new();
     let (reload_tx, reloads) = mpsc::channel(4);

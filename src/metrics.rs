@@ -111,7 +111,20 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Admin connections closed at once because max_connections were open.",
     ),
+    (
+        "upstreamd_lua_pushes_total",
+        "counter",
+        "Membership pushes to nginx's Lua update endpoint (apply = \"lua\"), by result.",
+    ),
+    (
+        "upstreamd_lua_generation",
+        "gauge",
+        "The membership generation every nginx worker last confirmed (apply = \"lua\").",
+    ),
 ];
+
+/// Every `result` of `upstreamd_lua_pushes_total`.
+pub const LUA_PUSH_RESULTS: &[&str] = &["confirmed", "rejected", "unconfirmed", "failed"];
 
 /// Every `result` of `upstreamd_reloads_total`.
 pub const RELOAD_RESULTS: &[&str] = &[
@@ -180,6 +193,9 @@ impl Metrics {
                 &[("result", result)],
                 0.0,
             );
+        }
+        for result in LUA_PUSH_RESULTS {
+            m.add("upstreamd_lua_pushes_total", &[("result", result)], 0.0);
         }
         m.set("upstreamd_apply_pending", &[], 0.0);
         m.set("upstreamd_apply_failures_consecutive", &[], 0.0);

@@ -13,6 +13,7 @@ use crate::affinity::GROUP_SEPARATOR;
 use crate::config::{AllUnhealthy, Balance};
 use crate::decide::{Desired, Verdict};
 
+pub mod lua;
 mod trial;
 
 /// The built-in template, `templates/upstream.conf.j2`.

@@ -215,6 +215,26 @@ fn generations_line(r: &StatusReport) -> String {
     )
 }
 
+/// `apply = "lua"`: the generation nginx confirmed and the last push error.
+fn lua_line(l: &crate::controller::lua::LuaReport) -> String {
+    let confirmed = match (l.confirmed_generation, l.master_pid) {
+        (Some(g), Some(pid)) => format!("every worker of nginx master {pid} holds generation {g}"),
+        _ => "no generation confirmed by nginx yet".to_owned(),
+    };
+    let (class, error) = match &l.last_push_error {
+        Some(e) => (
+            "bad",
+            format!("; {} failed push(es) in a row, last: {e}", l.failed_pushes),
+        ),
+        None => ("muted", String::new()),
+    };
+    format!(
+        "<p class=\"{class}\" id=\"lua\">Apply mode lua: {}{}</p>",
+        esc(&confirmed),
+        esc(&error)
+    )
+}
+
 /// The page for a status report.
 pub fn render(r: &StatusReport) -> String {
     let mut body = String::new();
@@ -242,6 +262,9 @@ pub fn render(r: &StatusReport) -> String {
     }
     body.push_str(&apply_line(&r.apply));
     body.push_str(&generations_line(r));
+    if let Some(lua) = &r.lua {
+        body.push_str(&lua_line(lua));
+    }
     for u in &r.upstreams {
         body.push_str(&upstream_section(u));
     }
@@ -317,11 +340,22 @@ mod tests {
             },
             old_generations: None,
             max_old_generations: 0,
+            apply_mode: crate::config::ApplyMode::Lua,
+            lua: Some(crate::controller::lua::LuaReport {
+                confirmed_generation: None,
+                master_pid: None,
+                failed_pushes: 2,
+                last_push_error: Some("nginx refused the push (401): <bad secret>".into()),
+            }),
         };
         let html = render(&r);
         assert!(html.contains("http-equiv=\"refresh\""));
         assert!(html.contains("starting"));
         assert!(html.contains("Old nginx worker generations: not counted yet (no limit)"));
+        assert!(
+            html.contains("Apply mode lua: no generation confirmed by nginx yet; 2 failed push(es) in a row, last: nginx refused the push (401): &lt;bad secret&gt;"),
+            "{html}"
+        );
     }
 
     #[test]
@@ -350,6 +384,8 @@ mod tests {
                 workers: 5,
             }),
             max_old_generations: 2,
+            apply_mode: crate::config::ApplyMode::Reload,
+            lua: None,
         };
         let html = render(&r);
         assert!(

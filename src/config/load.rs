@@ -197,6 +197,7 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
     let max_old_generations = s
         .get("max_old_generations", p, u32_in(0, 1000))
         .unwrap_or(0);
+    let (apply, lua) = super::lua::read(&mut s, output.as_deref(), state_dir.as_deref(), p);
     s.finish(p);
     Some(NginxConfig {
         output: output?,
@@ -210,6 +211,8 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         state_dir,
         error_log,
         max_old_generations,
+        apply,
+        lua,
     })
 }
 

@@ -4,6 +4,7 @@
 //! `Config` that exists is a valid one.
 
 mod load;
+mod lua;
 mod preflight;
 mod reader;
 mod sources;
@@ -16,6 +17,7 @@ use crate::affinity::AffinityKey;
 use crate::model::{Endpoint, UpstreamName};
 
 pub use load::{load_file, parse, ConfigError, ConfigErrors, MAX_CONFIG_BYTES};
+pub use lua::{ApplyMode, LuaConfig, LuaListen};
 pub use preflight::{find_program, preflight, Preflight};
 
 /// The whole configuration.
@@ -61,7 +63,12 @@ pub struct NginxConfig {
     /// shutting down (open streams hold them), reloads that only add servers or change
     /// attributes wait; reloads that take a server out go at once. `0` (the default) sets no
     /// limit: a held change could otherwise wait as long as a browser tab stays open.
+    /// `apply = "lua"` pushes leave no generations and never wait.
     pub max_old_generations: u32,
+    /// `apply`: `"reload"` (default) or `"lua"`: how a membership change reaches nginx.
+    pub apply: ApplyMode,
+    /// The `lua_*` keys (defaults filled in); used only with `apply = "lua"`.
+    pub lua: LuaConfig,
 }
 
 /// `[admin]`: the admin HTTP server.

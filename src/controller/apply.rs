@@ -53,7 +53,11 @@ impl<N: Nginx> Controller<N> {
         if self.render_error.take().is_some() {
             tracing::info!("The upstream file renders again.");
         }
-        self.on_disk = self.read_on_disk();
+        // In lua mode the include is a shell: what counts is the membership nginx confirmed.
+        self.on_disk = match &self.lua {
+            Some(lua) => lua.applied.clone(),
+            None => self.read_on_disk(),
+        };
         let differs = self.on_disk.as_deref() != Some(text.as_str()) || !self.confirmed;
         self.metrics.inc(
             "upstreamd_renders_total",
@@ -124,7 +128,11 @@ impl<N: Nginx> Controller<N> {
             Mode::Once { dry_run: true, .. } => self.rendered.take().map(Outcome::Rendered),
             Mode::Once { no_reload, .. } => {
                 if self.schedule.is_pending() {
-                    self.apply(now, no_reload).await?;
+                    if self.lua.is_some() {
+                        self.apply_lua(now).await?;
+                    } else {
+                        self.apply(now, no_reload).await?;
+                    }
                 }
                 Some(Outcome::Applied)
             }
@@ -134,7 +142,11 @@ impl<N: Nginx> Controller<N> {
                 {
                     // Reported, counted and kept for /status inside; the change stays pending
                     // and the schedule says when it is retried.
-                    let _ = self.apply(now, false).await;
+                    if self.lua.is_some() {
+                        let _ = self.apply_lua(now).await;
+                    } else {
+                        let _ = self.apply(now, false).await;
+                    }
                 }
                 None
             }

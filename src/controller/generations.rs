@@ -51,7 +51,11 @@ impl<N: Nginx> Controller<N> {
     /// Decides, for a change that is due now, whether it waits for old generations to leave.
     /// When it does, the schedule looks again after [`POLL`] and `/status` says why.
     pub(super) async fn hold_for_generations(&mut self, now: Instant) -> bool {
-        let limit = self.cfg.nginx.max_old_generations;
+        // A push to the Lua balancer leaves no generation behind: nothing to wait for.
+        let limit = match self.lua {
+            Some(_) => 0,
+            None => self.cfg.nginx.max_old_generations,
+        };
         let takes_out = match (&self.on_disk, &self.rendered) {
             (Some(disk), Some(text)) => takes_any_out(&parse_servers(disk), &parse_servers(text)),
             // A first file, or nothing to apply: never held.

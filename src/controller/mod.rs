@@ -10,6 +10,9 @@ mod apply;
 pub mod changes;
 mod events;
 mod generations;
+pub mod lua;
+#[cfg(test)]
+mod lua_tests;
 mod reconfigure;
 pub mod saved;
 pub mod schedule;
@@ -27,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{ApplyMode, Config};
 use crate::health::{ProbeReport, Prober};
 use crate::metrics::Metrics;
 use crate::nginx::{ApplyError, Nginx};
@@ -86,6 +89,9 @@ pub enum ControllerError {
     /// `once` could not apply the file.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// `once` in lua mode could not apply the include or push the membership.
+    #[error(transparent)]
+    Lua(#[from] lua::LuaApplyError),
     /// The template failed.
     #[error(transparent)]
     Render(#[from] RenderError),
@@ -140,6 +146,8 @@ pub struct Controller<N: Nginx> {
     old_generations: Option<crate::nginx::OldGenerations>,
     /// Why the pending change waits for old generations to leave, while it does.
     held: Option<String>,
+    /// With `apply = "lua"`: the shell, the pusher and what nginx confirmed.
+    lua: Option<lua::LuaState>,
 }
 
 impl<N: Nginx> Controller<N> {
@@ -166,7 +174,7 @@ impl<N: Nginx> Controller<N> {
             source_rx,
             probe_rx,
             shutdown,
-            schedule: Schedule::new(cfg.nginx.settle, cfg.nginx.min_reload_interval),
+            schedule: Schedule::new(cfg.nginx.settle, min_interval(&cfg)),
             rendered: None,
             dirty: true,
             on_disk: None,
@@ -185,8 +193,17 @@ impl<N: Nginx> Controller<N> {
             saver: None,
             old_generations: None,
             held: None,
+            lua: (cfg.nginx.apply == ApplyMode::Lua).then(|| lua::LuaState::new(&cfg.nginx, None)),
             cfg,
         }
+    }
+
+    /// Pushes to `endpoint` instead of nginx's update server (lua mode; tests use a fake).
+    pub fn with_lua_endpoint(mut self, endpoint: Box<dyn crate::nginx::lua::LuaEndpoint>) -> Self {
+        if self.lua.is_some() {
+            self.lua = Some(lua::LuaState::new(&self.cfg.nginx, Some(endpoint)));
+        }
+        self
     }
 
     /// Sends systemd notifications (readiness, status, watchdog) through `notifier`.
@@ -262,6 +279,8 @@ impl<N: Nginx> Controller<N> {
             apply: self.apply_state(now),
             old_generations: self.old_generations,
             max_old_generations: self.cfg.nginx.max_old_generations,
+            apply_mode: self.cfg.nginx.apply,
+            lua: self.lua.as_ref().map(lua::LuaState::report),
         }
     }
 
@@ -285,6 +304,9 @@ impl<N: Nginx> Controller<N> {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut count_generations = tokio::time::interval(generations::POLL);
         count_generations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let polling = mode == Mode::Run && self.lua.is_some();
+        let mut lua_poll = tokio::time::interval(lua::POLL_EVERY);
+        lua_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let now = Instant::now();
             let mut wake = self
@@ -327,6 +349,7 @@ impl<N: Nginx> Controller<N> {
                         self.on_probe(more);
                     }
                 }
+                _ = lua_poll.tick(), if polling => self.poll_lua().await,
                 cfg = reloads.recv(), if reloads_open => match cfg {
                     Some(cfg) => self.reconfigure(cfg),
                     None => reloads_open = false,
@@ -408,6 +431,15 @@ impl<N: Nginx> Controller<N> {
         let apply = self.schedule.due();
         let holds = self.upstreams.iter().filter_map(|u| u.next_release()).min();
         probes.into_iter().chain(apply).chain(holds).min()
+    }
+}
+
+/// The least time between applies: `min_reload_interval` in reload mode; none in lua mode,
+/// where an apply is a push (the rare reload of a changed shell is paced by `settle`).
+pub(super) fn min_interval(cfg: &Config) -> Duration {
+    match cfg.nginx.apply {
+        ApplyMode::Reload => cfg.nginx.min_reload_interval,
+        ApplyMode::Lua => Duration::ZERO,
     }
 }
 

@@ -119,14 +119,18 @@ impl<N: Nginx> Controller<N> {
             &old_nginx.test_command,
             &old_nginx.reload_command,
             old_nginx.confirm_timeout,
+            old_nginx.apply,
+            &old_nginx.lua,
         ) != (
             &new_nginx.output,
             &new_nginx.pid_file,
             &new_nginx.test_command,
             &new_nginx.reload_command,
             new_nginx.confirm_timeout,
+            new_nginx.apply,
+            &new_nginx.lua,
         ) {
-            tracing::warn!("The [nginx] output, pid_file, commands and confirm_timeout take effect on restart; keeping the running ones.");
+            tracing::warn!("The [nginx] output, pid_file, commands, confirm_timeout, apply and lua_* keys take effect on restart; keeping the running ones.");
             cfg.nginx = NginxConfig {
                 settle: cfg.nginx.settle,
                 min_reload_interval: cfg.nginx.min_reload_interval,
@@ -197,7 +201,7 @@ impl<N: Nginx> Controller<N> {
             }
         }
         self.schedule
-            .set_pacing(cfg.nginx.settle, cfg.nginx.min_reload_interval);
+            .set_pacing(cfg.nginx.settle, super::min_interval(&cfg));
         // A SIGHUP is the operator saying "try again now" (the site config may be fixed).
         self.schedule.retry_now();
         self.cfg = cfg;

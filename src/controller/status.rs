@@ -38,6 +38,10 @@ pub struct StatusReport {
     pub old_generations: Option<OldGenerations>,
     /// `[nginx] max_old_generations` (0: no limit).
     pub max_old_generations: u32,
+    /// `[nginx] apply`: `reload` or `lua`.
+    pub apply_mode: crate::config::ApplyMode,
+    /// With `apply = "lua"`: the generation nginx confirmed and the last push error.
+    pub lua: Option<super::lua::LuaReport>,
 }
 
 /// Where the desired file stands between the render and nginx.

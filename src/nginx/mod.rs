@@ -8,6 +8,7 @@
 
 mod error;
 mod generations;
+pub mod lua;
 mod process;
 mod system;
 mod write;

@@ -89,6 +89,19 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The `load_module` lines of Debian's Lua modules (`libnginx-mod-http-lua`): NDK, then Lua.
+pub const LUA_MODULES: &str = "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n\
+     load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n";
+
+/// Main-context settings of a private nginx.
+#[derive(Clone, Debug, Default)]
+pub struct NginxMain {
+    /// Load the NDK and Lua modules ([`LUA_MODULES`]).
+    pub lua: bool,
+    /// `worker_processes` (0 means 1).
+    pub workers: u32,
+}
+
 /// A private nginx: its own prefix directory, config, pid file and logs.
 pub struct Nginx {
     pub dir: tempfile::TempDir,
@@ -114,6 +127,11 @@ impl Nginx {
     /// Starts nginx with `include` as the first `conf/upstreams.conf` and `site(port)` (server
     /// blocks, e.g. a shipped site file listening on `port`) in the http context after it.
     pub fn start_site(include: &str, site: &dyn Fn(u16) -> String) -> Self {
+        Self::start_main(&NginxMain::default(), include, site)
+    }
+
+    /// [`Nginx::start_site`] with main-context settings: modules to load, worker count.
+    pub fn start_main(main: &NginxMain, include: &str, site: &dyn Fn(u16) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for d in ["conf", "logs", "tmp"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
@@ -125,8 +143,10 @@ impl Nginx {
             ""
         };
         let site = site(port);
+        let modules = if main.lua { LUA_MODULES } else { "" };
+        let workers = main.workers.max(1);
         let conf = format!(
-            "{user}\nworker_processes 1;\npid logs/nginx.pid;\nerror_log logs/error.log notice;\n\
+            "{modules}{user}\nworker_processes {workers};\npid logs/nginx.pid;\nerror_log logs/error.log notice;\n\
              events {{ worker_connections 512; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path tmp/client;\n  proxy_temp_path tmp/proxy;\n  \
              fastcgi_temp_path tmp/fastcgi;\n  uwsgi_temp_path tmp/uwsgi;\n  scgi_temp_path tmp/scgi;\n  \
@@ -134,10 +154,17 @@ impl Nginx {
         );
         std::fs::write(dir.path().join("conf/nginx.conf"), conf).unwrap();
         std::fs::write(dir.path().join("conf/upstreams.conf"), include).unwrap();
-        let child = Command::new("nginx")
+        let child = Self::spawn(dir.path());
+        let n = Self { dir, port, child };
+        n.wait_listening();
+        n
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new("nginx")
             .args([
                 "-p",
-                dir.path().to_str().unwrap(),
+                dir.to_str().unwrap(),
                 "-c",
                 "conf/nginx.conf",
                 "-g",
@@ -145,12 +172,44 @@ impl Nginx {
             ])
             .stdin(Stdio::null())
             .spawn()
-            .expect("nginx must be installed (apt-get install nginx)");
-        let n = Self { dir, port, child };
+            .expect("nginx must be installed (apt-get install nginx)")
+    }
+
+    fn wait_listening(&self) {
         wait_for("nginx to listen", Duration::from_secs(10), || {
-            n.pid().is_some() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            self.pid().is_some() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
         });
-        n
+    }
+
+    /// Stops nginx (SIGTERM: its shared memory goes with it) and starts it again on the same
+    /// prefix and files, waiting until it listens.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.pid_file()); // absent once nginx exited cleanly
+        self.child = Self::spawn(self.dir.path());
+        self.wait_listening();
+    }
+
+    /// Stops the master and its workers: SIGTERM, then SIGKILL after 2 s.
+    fn stop(&mut self) {
+        // Workers are found before the master goes: once it is gone they belong to init.
+        let workers = children(self.child.id());
+        let master = self.master();
+        // SIGTERM: nginx's fast shutdown takes the workers down with the master.
+        if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2)
+                && matches!(self.child.try_wait(), Ok(None))
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        kill_and_reap(&mut self.child);
+        for pid in workers {
+            // Already gone in the usual case: then there is nothing to kill.
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
     }
 
     /// The include file upstreamd owns.
@@ -223,6 +282,8 @@ impl Nginx {
             state_dir: None,
             error_log: None,
             max_old_generations: 0,
+            apply: upstreamd::config::ApplyMode::Reload,
+            lua: upstreamd::config::LuaConfig::defaults(&self.output(), None),
         }
     }
 
@@ -325,24 +386,7 @@ fn children(parent: u32) -> Vec<i32> {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // Workers are found before the master goes: once it is gone they belong to init.
-        let workers = children(self.child.id());
-        let master = self.master();
-        // SIGTERM: nginx's fast shutdown takes the workers down with the master.
-        if nix::sys::signal::kill(master, nix::sys::signal::SIGTERM).is_ok() {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(2)
-                && matches!(self.child.try_wait(), Ok(None))
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        kill_and_reap(&mut self.child);
-        for pid in workers {
-            // Already gone in the usual case: then there is nothing to kill.
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        }
+        self.stop();
     }
 }
 
@@ -359,12 +403,26 @@ pub fn http_request(
     body: &str,
     timeout: Duration,
 ) -> Option<(u16, String)> {
+    http_exchange(authority, method, path, &[], body, timeout).map(|(s, _, b)| (s, b))
+}
+
+/// A minimal HTTP/1.1 request with extra header lines (`"Name: value"`) and a body, on a new
+/// connection: (status, response head, body).
+pub fn http_exchange(
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+    timeout: Duration,
+) -> Option<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(authority).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
@@ -372,11 +430,11 @@ pub fn http_request(
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
         .unwrap_or_default();
-    let body = if text
+    let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
@@ -384,7 +442,7 @@ pub fn http_request(
     } else {
         body
     };
-    Some((status, body))
+    Some((status, head, body))
 }
 
 fn dechunk(mut body: &str) -> String {
