@@ -222,7 +222,13 @@ pub fn section(rows: &[ModesResult]) -> String {
          changes; old generations counted 1.5 s after the last change with the tabs still open.\n",
         gap = CHANGE_GAP.as_secs_f64()
     );
-    let header: Vec<String> = rows.iter().map(|r| r.peer.label().to_owned()).collect();
+    let header: Vec<String> = rows
+        .iter()
+        .map(|r| match r.peer {
+            Peer::Upstreamd => "upstreamd, apply = reload".to_owned(),
+            p => p.label().to_owned(),
+        })
+        .collect();
     let _ = writeln!(md, "| | {} |", header.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(rows.len()));
     let line = |md: &mut String, what: &str, f: &dyn Fn(&ModesResult) -> String| {
