@@ -212,14 +212,18 @@ pub fn section(rows: &[ModesResult]) -> String {
     let _ = writeln!(md, "## Apply modes side by side (issue 13)\n");
     let _ = writeln!(
         md,
-        "One stand-in fleet per measurement and peer, the same load for each (etcd source, sticky \
-         balance, settle 250 ms; churn with min_reload_interval 2 s). *Registry write → served*: \
-         the etcd put of a new replica until a kept-alive `GET /` poll through nginx is answered \
-         by it. *Failure → last request*: a replica killed under load, the last request nginx \
-         sent to it after the kill (its access log). *Churn*: membership changes {gap:.1} s apart \
-         (a spare joins and leaves) while chat loops stream long answers back to back and tabs \
-         open, one batch before each change, and hold their `/heartbeat` streams to the end; errors are those of the kept-alive `GET /` load during the \
-         changes; old generations counted 1.5 s after the last change with the tabs still open.\n",
+        "A fresh stand-in fleet and nginx (2 workers, the Kotaemon site) per measurement and \
+         peer, the same load for each. *Registry write → served*: the discovery trials (etcd, two \
+         replicas, round robin, settle 250 ms, min_reload_interval 500 ms): from the etcd put of \
+         a new replica until a kept-alive `GET /` poll through nginx (every 2 ms) is answered by \
+         it. *Replica killed → last request*: the fail-stop run (a static list of three, sticky, \
+         steady load): the last request nginx sent to the killed replica, from its access log. \
+         *Churn*: etcd, sticky, settle 250 ms, min_reload_interval 2 s; membership changes \
+         {gap:.1} s apart (a spare joins, leaves, joins…) while chat loops stream long answers \
+         back to back and tabs open, one batch before each change, and hold their `/heartbeat` \
+         streams to the end; errors are those of the kept-alive `GET /` load during the changes; \
+         old generations counted as upstreamd counts them, 1.5 s after the last change, tabs \
+         still open.\n",
         gap = CHANGE_GAP.as_secs_f64()
     );
     let header: Vec<String> = rows
