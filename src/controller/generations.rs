@@ -82,7 +82,12 @@ impl<N: Nginx> Controller<N> {
                 "Holding a reload."
             );
         } else if held.is_none() && self.held.is_some() {
-            tracing::info!("Old nginx worker generations left; applying the held change.");
+            let why = if takes_out {
+                "the change now takes a server out"
+            } else {
+                "few enough old nginx worker generations are left"
+            };
+            tracing::info!(why, "Applying the held change.");
         }
         self.held = held;
         self.metrics
