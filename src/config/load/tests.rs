@@ -1001,3 +1001,21 @@ fn an_upstream_named_like_a_sticky_replica_group_is_refused() {
     let fine = text.replace("balance = \"sticky\"\n", "");
     assert!(parse(&fine, &no_env).is_ok());
 }
+
+#[test]
+fn max_old_generations_is_read_and_bounded() {
+    let text = |n: &str| {
+        format!(
+            "[nginx]\noutput = \"/tmp/upstreamd.conf\"\nmax_old_generations = {n}\n\n[[upstream]]\nname = \"app\"\n{ONE_STATIC}"
+        )
+    };
+    let config = parse(&text("3"), &no_env).expect("valid");
+    assert_eq!(config.nginx.max_old_generations, 3);
+    assert_eq!(
+        errors(&text("1001")),
+        vec![(
+            "nginx.max_old_generations".to_owned(),
+            "must be a whole number from 0 to 1000 (found 1001)".to_owned()
+        )]
+    );
+}
