@@ -10,7 +10,8 @@
 #                  Figures are smoke-level: it checks that the harness works, not timings.
 #   --debug-build  run the harness from the debug (test profile) build that
 #                  `cargo test --all-targets` already made, instead of a release build (CI).
-#   --only, --keep are passed to the harness (`--keep` keeps the work directory and logs).
+#   --only, --keep, --lua are passed to the harness (`--keep` keeps the work directory and
+#                  logs; `--lua`: the `modes` scenario also runs upstreamd with apply = "lua").
 # Exits non-zero only when the harness itself breaks, never for a missed target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ args=()
 while [ $# -gt 0 ]; do
   case $1 in
     --debug-build) profile=debug ;;
-    --quick | --keep) args+=("$1") ;;
+    --quick | --keep | --lua) args+=("$1") ;;
     --only | --out) args+=("$1" "$2"); shift ;;
     *) echo "bench.sh: unknown argument: $1" >&2; exit 2 ;;
   esac

@@ -218,7 +218,7 @@ pub async fn run(
             None => missed += 1,
         }
         stack.check_alive()?;
-        if peer == Peer::Upstreamd {
+        if matches!(peer, Peer::Upstreamd | Peer::UpstreamdLua) {
             tokio::time::sleep(quiet).await;
         }
     }

@@ -375,6 +375,10 @@ pub fn upstreamd_toml(
     )
 }
 
+/// The main-context lines that load Debian's Lua module (`libnginx-mod-http-lua`).
+pub const LUA_MODULES: &str = "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n\
+     load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;";
+
 /// Who keeps the upstream file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -386,6 +390,9 @@ pub enum Peer {
     UpstreamdFast,
     /// nginx alone with its passive checks, the file written once.
     Passive,
+    /// upstreamd with `apply = "lua"`: membership pushed to nginx's Lua balancer, no reload
+    /// (nginx loads Debian's Lua module).
+    UpstreamdLua,
     /// The naive reloader script.
     Naive,
     /// HAProxy in nginx's place, with upstreamd's probe settings.
@@ -401,6 +408,7 @@ impl Peer {
             Peer::Upstreamd => "upstreamd",
             Peer::UpstreamdFast => "upstreamd, fast_interval 200ms + error log",
             Peer::Passive => "nginx alone (passive)",
+            Peer::UpstreamdLua => "upstreamd, apply = lua",
             Peer::Naive => "naive reloader",
             Peer::Haproxy => "HAProxy 2.6",
             Peer::HaproxyTuned => "HAProxy 2.6 tuned",
@@ -513,7 +521,10 @@ impl Stack {
     ) -> Result<Self> {
         let dir = env.dir(&format!("{what}-{peer:?}").to_lowercase())?;
         let port = procs::free_port("127.0.0.1")?;
-        let (conf, site) = front_conf(port, balance, 2, None)?;
+        let (mut conf, site) = front_conf(port, balance, 2, None)?;
+        if peer == Peer::UpstreamdLua {
+            conf = format!("{LUA_MODULES}\n{conf}");
+        }
         std::fs::create_dir_all(dir.join("conf"))?;
         std::fs::write(dir.join("conf/site.conf"), site)?;
         if peer.is_haproxy() {
@@ -539,9 +550,9 @@ impl Stack {
         };
         match peer {
             Peer::Passive | Peer::Haproxy | Peer::HaproxyTuned => {}
-            Peer::Upstreamd | Peer::UpstreamdFast => {
+            Peer::Upstreamd | Peer::UpstreamdFast | Peer::UpstreamdLua => {
                 let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
-                let toml = upstreamd_toml(
+                let mut toml = upstreamd_toml(
                     &stack.nginx,
                     &admin,
                     balance,
@@ -550,6 +561,14 @@ impl Stack {
                     source,
                     peer == Peer::UpstreamdFast,
                 );
+                if peer == Peer::UpstreamdLua {
+                    let lua = format!(
+                        "[nginx]\napply = \"lua\"\nlua_listen = \"127.0.0.1:{}\"\nlua_secret_file = \"{}\"\n",
+                        procs::free_port("127.0.0.1")?,
+                        dir.join("lua.secret").display()
+                    );
+                    toml = toml.replacen("[nginx]\n", &lua, 1);
+                }
                 let mut u = Upstreamd::start(
                     &env.bins,
                     &format!("upstreamd-{what}-{peer:?}").to_lowercase(),

@@ -4,13 +4,14 @@
 //! `BENCHMARKS.md` and `results.json`.
 //!
 //! Run with `bash scripts/bench.sh [--quick]`, or
-//! `cargo bench --bench scenarios -- [--quick] [--out DIR] [--only fail,discovery,…] [--keep]`.
+//! `cargo bench --bench scenarios -- [--quick] [--out DIR] [--only fail,discovery,…] [--keep] [--lua]`
+//! (`--lua`: the `modes` scenario also runs upstreamd with `apply = "lua"`).
 //! Exits non-zero only when the harness itself breaks, never for a missed target. Under
 //! `cargo test` (no `--bench` argument) it does nothing.
 //!
 //! Modules: `env` (plan, configs, stacks) → `procs` (children) → `client` (HTTP, load, chats)
 //! → `haproxy` (the peer in nginx's place) → the scenarios `fail`, `discovery`, `churn`,
-//! `streams`, `scale`, `affinity` (+ `render_timing`) → `stats` → `report`.
+//! `streams`, `scale`, `affinity`, `modes` (+ `render_timing`) → `stats` → `report`.
 
 mod affinity;
 mod churn;
@@ -19,6 +20,7 @@ mod discovery;
 mod env;
 mod fail;
 mod haproxy;
+mod modes;
 mod probe_cost;
 mod procs;
 mod render_timing;
@@ -38,7 +40,7 @@ use crate::fail::Event;
 use crate::procs::Bins;
 use crate::report::{Machine, Results};
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "render",
     "fail",
     "discovery",
@@ -46,6 +48,7 @@ const SCENARIOS: [&str; 7] = [
     "streams",
     "scale",
     "affinity",
+    "modes",
 ];
 
 struct Opts {
@@ -55,6 +58,9 @@ struct Opts {
     json: PathBuf,
     only: Vec<String>,
     keep: bool,
+    /// `modes` also runs upstreamd with `apply = "lua"` (needs the Lua apply mode and Debian's
+    /// Lua module for nginx).
+    lua: bool,
     command: String,
 }
 
@@ -100,6 +106,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
         json,
         only,
         keep: args.iter().any(|a| a == "--keep"),
+        lua: args.iter().any(|a| a == "--lua"),
         command,
     })
 }
@@ -281,6 +288,7 @@ async fn run(opts: &Opts) -> Result<bool> {
         scale: vec![],
         affinity: vec![],
         affinity_test_cost: None,
+        modes: vec![],
         errors: vec![],
         targets: vec![],
     };
@@ -397,6 +405,20 @@ async fn run(opts: &Opts) -> Result<bool> {
         {
             Ok(c) => results.affinity_test_cost = Some(c),
             Err(e) => failed(&mut results, "affinity / nginx -t", e),
+        }
+    }
+    if wants("modes") {
+        let mut peers = vec![Peer::Upstreamd];
+        if opts.lua {
+            peers.push(Peer::UpstreamdLua);
+        }
+        peers.push(Peer::Naive);
+        for peer in peers {
+            step(&format!("apply modes with {}", peer.label()));
+            match modes::run(&mut env, peer).await {
+                Ok(r) => results.modes.push(r),
+                Err(e) => failed(&mut results, &format!("modes / {}", peer.label()), e),
+            }
         }
     }
     drop(env);

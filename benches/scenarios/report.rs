@@ -43,6 +43,8 @@ pub struct Results {
     pub affinity: Vec<AffinityResult>,
     /// `nginx -t` on 1,000 replicas in each affinity mode.
     pub affinity_test_cost: Option<TestCost>,
+    /// The apply modes side by side: reload, lua (with `--lua`), the naive reloader.
+    pub modes: Vec<crate::modes::ModesResult>,
     /// Scenarios the harness could not run, with the reason.
     pub errors: Vec<String>,
     pub targets: Vec<Target>,
@@ -697,6 +699,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
         }
     }
     crate::affinity::markdown(&mut md, &r.affinity, r.affinity_test_cost.as_ref());
+    md.push_str(&crate::modes::section(&r.modes));
     if !notes.is_empty() {
         let _ = writeln!(md, "## Notes\n\n{notes}");
     }

@@ -71,6 +71,7 @@ mod tests {
             next_attempt_secs: None,
             last_error: None,
             render_error: None,
+            held: None,
         }
     }
 
@@ -83,6 +84,8 @@ mod tests {
             last_apply: None,
             change_pending: false,
             apply: apply("in_sync"),
+            old_generations: None,
+            max_old_generations: 0,
             apply_mode: crate::config::ApplyMode::Reload,
             lua: None,
         }
@@ -282,6 +285,41 @@ mod tests {
         let html = render(&r).unwrap();
         assert!(
             html.contains("<p class=\"muted\" id=\"lua\">Apply mode lua: every worker of nginx master 42 holds generation 7</p>"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn a_held_change_and_the_old_generations_are_on_the_page() {
+        let mut r = report(vec![]);
+        r.change_pending = true;
+        r.apply = ApplyState {
+            on_disk: "previous",
+            next_attempt_secs: Some(0.5),
+            held: Some("3 old nginx worker generations are still shutting down".into()),
+            ..apply("held")
+        };
+        r.old_generations = Some(crate::nginx::OldGenerations {
+            generations: 3,
+            workers: 5,
+        });
+        r.max_old_generations = 2;
+        let html = render(&r).unwrap();
+        assert!(
+            html.contains(
+                "<p class=\"bad\" id=\"apply\">3 old nginx worker generations are still shutting down; next attempt in 0.5 s</p>"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("still shutting down: 3 (5 workers; max_old_generations = 2)</p>"),
+            "{html}"
+        );
+        r.old_generations = None;
+        r.max_old_generations = 0;
+        let html = render(&r).unwrap();
+        assert!(
+            html.contains("Old nginx worker generations: not counted yet (no limit)</p>"),
             "{html}"
         );
     }

@@ -172,6 +172,9 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         .unwrap_or(Duration::from_secs(5));
     let state_dir = s.get("state_dir", p, path);
     let error_log = s.get("error_log", p, path);
+    let max_old_generations = s
+        .get("max_old_generations", p, u32_in(0, 1000))
+        .unwrap_or(0);
     let (apply, lua) = super::lua::read(&mut s, output.as_deref(), state_dir.as_deref(), p);
     s.finish(p);
     Some(NginxConfig {
@@ -185,6 +188,7 @@ fn nginx(mut s: Section<'_>, p: &mut Problems) -> Option<NginxConfig> {
         confirm_timeout,
         state_dir,
         error_log,
+        max_old_generations,
         apply,
         lua,
     })

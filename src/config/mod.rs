@@ -59,6 +59,12 @@ pub struct NginxConfig {
     /// reports for one of our endpoints brings that endpoint's next probe forward. Needs
     /// nginx's `error_log` at level `error` or more verbose. Default: not followed.
     pub error_log: Option<PathBuf>,
+    /// `max_old_generations`: while more old nginx worker generations than this are still
+    /// shutting down (open streams hold them), reloads that only add servers or change
+    /// attributes wait; reloads that take a server out go at once. `0` (the default) sets no
+    /// limit: a held change could otherwise wait as long as a browser tab stays open.
+    /// `apply = "lua"` pushes leave no generations and never wait.
+    pub max_old_generations: u32,
     /// `apply`: `"reload"` (default) or `"lua"`: how a membership change reaches nginx.
     pub apply: ApplyMode,
     /// The `lua_*` keys (defaults filled in); used only with `apply = "lua"`.

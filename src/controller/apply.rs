@@ -74,6 +74,10 @@ impl<N: Nginx> Controller<N> {
             against_disk || against_last
         };
         let is_retry = self.failed.as_deref() == Some(text.as_str());
+        if self.rendered.as_deref() != Some(text.as_str()) {
+            // A new text is judged afresh when due: it may take a server out.
+            self.schedule.release();
+        }
         self.schedule.on_render(now, differs, urgent, is_retry);
         if !differs {
             self.failed = None;
@@ -131,7 +135,9 @@ impl<N: Nginx> Controller<N> {
                 Some(Outcome::Applied)
             }
             Mode::Run => {
-                if self.schedule.due().is_some_and(|due| now >= due) {
+                if self.schedule.due().is_some_and(|due| now >= due)
+                    && !self.hold_for_generations(now).await
+                {
                     // Reported, counted and kept for /status inside; the change stays pending
                     // and the schedule says when it is retried.
                     if self.lua.is_some() {
@@ -151,6 +157,7 @@ impl<N: Nginx> Controller<N> {
         ApplyProgress {
             pending: self.schedule.is_pending() || self.render_error.is_some(),
             failures: self.schedule.failures(),
+            held: self.schedule.is_held(),
         }
         .emit(&self.metrics);
     }
@@ -258,6 +265,8 @@ impl<N: Nginx> Controller<N> {
             "render_failed"
         } else if self.schedule.failures() > 0 {
             "retrying"
+        } else if self.schedule.is_held() {
+            "held"
         } else if self.schedule.is_pending() {
             "pending"
         } else {
@@ -279,6 +288,7 @@ impl<N: Nginx> Controller<N> {
                 .filter(|_| self.schedule.failures() > 0)
                 .and_then(|a| a.error.clone()),
             render_error: self.render_error.clone(),
+            held: self.held.clone().filter(|_| self.schedule.is_held()),
         }
     }
 }

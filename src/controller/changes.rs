@@ -177,6 +177,17 @@ pub fn is_urgent(before: &Servers, after: &Servers) -> bool {
     took_out
 }
 
+/// Whether `after` takes any server of `before` out of rotation (removed, or newly `down`),
+/// whatever else it changes: such a change must not wait behind old worker generations.
+pub fn takes_any_out(before: &Servers, after: &Servers) -> bool {
+    let empty = BTreeMap::new();
+    before.iter().any(|(name, old)| {
+        let new = after.get(name).unwrap_or(&empty);
+        old.iter()
+            .any(|(address, prev)| !prev.down && new.get(address).map_or(true, |line| line.down))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +241,29 @@ mod tests {
         let said = describe(Some(&parsed(&eleven)), &parsed(&[]));
         assert_eq!(said.matches(": -127.0.0.").count(), 11, "{said}");
         assert!(is_urgent(&parsed(&eleven), &parsed(&[])));
+    }
+
+    #[test]
+    fn a_change_that_adds_and_removes_takes_a_server_out_and_an_addition_alone_does_not() {
+        let before = parsed(&["10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80 down"]);
+        let mixed = parsed(&["10.0.0.2:80", "10.0.0.5:80"]);
+        assert!(takes_any_out(&before, &mixed));
+        assert!(!is_urgent(&before, &mixed));
+        let down = parsed(&[
+            "10.0.0.2:80 down",
+            "10.0.0.3:80 weight=2",
+            "10.0.0.4:80 down",
+        ]);
+        assert!(takes_any_out(&before, &down));
+        let grown = parsed(&[
+            "10.0.0.2:80 weight=3",
+            "10.0.0.3:80",
+            "10.0.0.4:80",
+            "10.0.0.6:80",
+        ]);
+        assert!(!takes_any_out(&before, &grown));
+        let dropped_a_down_one = parsed(&["10.0.0.2:80", "10.0.0.3:80"]);
+        assert!(!takes_any_out(&before, &dropped_a_down_one));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod apply;
 pub mod changes;
 mod events;
+mod generations;
 pub mod lua;
 #[cfg(test)]
 mod lua_tests;
@@ -140,6 +141,11 @@ pub struct Controller<N: Nginx> {
     gauges_stale: bool,
     /// Keeps each registry source's last good snapshot in `state_dir`, when set.
     saver: Option<Saver>,
+    /// nginx's old worker generations as last counted; `None` before the first count or
+    /// while nginx cannot be inspected.
+    old_generations: Option<crate::nginx::OldGenerations>,
+    /// Why the pending change waits for old generations to leave, while it does.
+    held: Option<String>,
     /// With `apply = "lua"`: the shell, the pusher and what nginx confirmed.
     lua: Option<lua::LuaState>,
     /// Whether `state_dir` may be written (not in `once --dry-run`).
@@ -187,6 +193,8 @@ impl<N: Nginx> Controller<N> {
             notifier: Notifier::disabled(),
             gauges_stale: true,
             saver: None,
+            old_generations: None,
+            held: None,
             lua: (cfg.nginx.apply == ApplyMode::Lua).then(|| lua::LuaState::new(&cfg.nginx, None)),
             writes_state: true,
             cfg,
@@ -272,6 +280,8 @@ impl<N: Nginx> Controller<N> {
             last_apply: self.last_apply.as_ref().map(|a| a.report(now)),
             change_pending: self.schedule.is_pending(),
             apply: self.apply_state(now),
+            old_generations: self.old_generations,
+            max_old_generations: self.cfg.nginx.max_old_generations,
             apply_mode: self.cfg.nginx.apply,
             lua: self.lua.as_ref().map(lua::LuaState::report),
         }
@@ -305,6 +315,8 @@ impl<N: Nginx> Controller<N> {
             .unwrap_or(Duration::from_secs(3600));
         let mut watchdog = tokio::time::interval(watchdog_every);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut count_generations = tokio::time::interval(generations::POLL);
+        count_generations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let polling = mode == Mode::Run && self.lua.is_some();
         let mut lua_poll = tokio::time::interval(lua::POLL_EVERY);
         lua_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -339,6 +351,7 @@ impl<N: Nginx> Controller<N> {
                     self.answer(request);
                     continue;
                 }
+                _ = count_generations.tick(), if mode == Mode::Run => self.count_generations().await,
                 Some(update) = self.source_rx.recv() => self.on_source(update),
                 Some(report) = self.probe_rx.recv() => {
                     self.on_probe(report);

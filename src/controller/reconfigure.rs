@@ -108,8 +108,8 @@ impl<N: Nginx> Controller<N> {
     /// Applies a new, validated config in place: upstreams whose sources are unchanged keep
     /// their source tasks and snapshots (and their probe verdicts, unless the health config
     /// changed); others restart. The `[nginx]` paths and commands are bound to the running
-    /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template` and
-    /// `state_dir` apply at once. A failed apply is retried at once. A template that does not
+    /// nginx edge and take effect on restart; `settle`, `min_reload_interval`, `template`,
+    /// `state_dir` and `max_old_generations` apply at once. A failed apply is retried at once. A template that does not
     /// load (`check` refuses it first) keeps the running config whole.
     pub(super) fn reconfigure(&mut self, mut cfg: Config) {
         match Renderer::checked(cfg.nginx.template.as_deref()) {
@@ -145,6 +145,7 @@ impl<N: Nginx> Controller<N> {
                 template: cfg.nginx.template.clone(),
                 state_dir: cfg.nginx.state_dir.clone(),
                 error_log: cfg.nginx.error_log.clone(),
+                max_old_generations: cfg.nginx.max_old_generations,
                 ..self.cfg.nginx.clone()
             };
         }

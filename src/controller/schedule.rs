@@ -44,6 +44,8 @@ pub struct Schedule {
     retry_at: Option<Instant>,
     /// The pending text is the one that failed last: it waits for `retry_at`.
     is_retry: bool,
+    /// The pending change waits until then (too many old nginx generations linger).
+    held_until: Option<Instant>,
 }
 
 impl Schedule {
@@ -57,6 +59,7 @@ impl Schedule {
             failures: 0,
             retry_at: None,
             is_retry: false,
+            held_until: None,
         }
     }
 
@@ -75,6 +78,7 @@ impl Schedule {
             self.failures = 0;
             self.retry_at = None;
             self.is_retry = false;
+            self.held_until = None;
             return;
         }
         self.is_retry = is_retry;
@@ -89,6 +93,7 @@ impl Schedule {
     /// already held it). Returns the delay before the retry after a failure.
     pub fn on_attempt(&mut self, now: Instant, ok: bool, jitter: f64) -> Option<Duration> {
         self.last_attempt = Some(now);
+        self.held_until = None;
         if ok {
             self.pending = None;
             self.failures = 0;
@@ -105,6 +110,22 @@ impl Schedule {
             p.urgent = true;
         }
         Some(delay)
+    }
+
+    /// Holds the pending change until `until`, when the controller looks again (too many old
+    /// nginx generations linger). A later `release` or attempt ends the hold.
+    pub fn hold(&mut self, until: Instant) {
+        self.held_until = Some(until);
+    }
+
+    /// Ends a hold: the pending change now takes a server out, or the limit was lifted.
+    pub fn release(&mut self) {
+        self.held_until = None;
+    }
+
+    /// Whether the pending change is held.
+    pub fn is_held(&self) -> bool {
+        self.pending.is_some() && self.held_until.is_some()
     }
 
     /// A config reload (SIGHUP): a failed apply is retried without waiting out its backoff.
@@ -140,6 +161,9 @@ impl Schedule {
         }
         if let (true, Some(retry)) = (self.is_retry, self.retry_at) {
             at = at.max(retry);
+        }
+        if let Some(held) = self.held_until {
+            at = at.max(held);
         }
         Some(at)
     }
@@ -235,6 +259,23 @@ mod tests {
         assert_eq!(s.due(), Some(t0));
         s.on_render(t0, false, false, false);
         assert_eq!((s.due(), s.failures()), (None, 0));
+    }
+
+    #[test]
+    fn a_held_change_waits_for_the_hold_and_a_release_or_attempt_ends_it() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(SETTLE, Duration::ZERO);
+        s.on_render(t0, true, false, false);
+        s.hold(t0 + ms(1000));
+        assert!(s.is_held());
+        assert_eq!(s.due(), Some(t0 + ms(1000)));
+        s.release();
+        assert_eq!(s.due(), Some(t0 + SETTLE));
+        s.hold(t0 + ms(1000));
+        s.on_attempt(t0 + ms(1000), true, 0.0);
+        s.on_render(t0 + ms(1100), true, false, false);
+        assert!(!s.is_held());
+        assert_eq!(s.due(), Some(t0 + ms(1100) + SETTLE));
     }
 
     #[test]

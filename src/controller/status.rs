@@ -12,6 +12,7 @@ use crate::config::Balance;
 use crate::decide::Verdict;
 use crate::health::Health;
 use crate::model::{Address, RegistryState};
+use crate::nginx::OldGenerations;
 use crate::sources::SkippedEntry;
 
 /// The whole status report.
@@ -32,6 +33,11 @@ pub struct StatusReport {
     pub change_pending: bool,
     /// Where the desired file stands: on disk, confirmed by nginx, retried.
     pub apply: ApplyState,
+    /// Old nginx worker generations still shutting down, as last counted (`null` before the
+    /// first count or while nginx cannot be inspected).
+    pub old_generations: Option<OldGenerations>,
+    /// `[nginx] max_old_generations` (0: no limit).
+    pub max_old_generations: u32,
     /// `[nginx] apply`: `reload` or `lua`.
     pub apply_mode: crate::config::ApplyMode,
     /// With `apply = "lua"`: the generation nginx confirmed and the last push error.
@@ -42,7 +48,7 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ApplyState {
     /// `in_sync` (nginx runs the desired file), `pending` (waiting for `settle` or
-    /// `min_reload_interval`), `retrying` (an apply failed; retried with backoff) or
+    /// `min_reload_interval`), `held` (waiting for old nginx generations to leave), `retrying` (an apply failed; retried with backoff) or
     /// `render_failed` (the template failed; the last good file stays).
     pub state: &'static str,
     /// What the include file holds: `desired`, `previous` (an older text, still what nginx
@@ -61,6 +67,8 @@ pub struct ApplyState {
     pub last_error: Option<String>,
     /// The last render error, while the template fails.
     pub render_error: Option<String>,
+    /// Why the pending change is held, while it is.
+    pub held: Option<String>,
 }
 
 /// One upstream.

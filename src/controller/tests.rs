@@ -18,7 +18,7 @@ use super::{Controller, ControllerError, Mode, Outcome};
 use crate::config::Config;
 use crate::metrics::labels::{RenderLabels, RenderResult};
 use crate::metrics::Metrics;
-use crate::nginx::{Nginx, NginxError, ReloadProof};
+use crate::nginx::{Nginx, NginxError, OldGenerations, ReloadProof};
 use crate::render::Renderer;
 
 /// Records calls with the (paused) time they came; fails `test()` while `failing_tests` > 0.
@@ -28,6 +28,8 @@ struct FakeNginx {
     failing_tests: Arc<AtomicUsize>,
     /// Reloads that wait out a 5 s confirm_timeout and fail, as a stopped master makes them.
     unconfirmed_reloads: Arc<AtomicUsize>,
+    /// The old worker generations `old_generations()` reports (two workers each).
+    old_generations: Arc<AtomicUsize>,
 }
 
 impl FakeNginx {
@@ -71,6 +73,14 @@ impl Nginx for FakeNginx {
             master: Pid::from_raw(1),
             old_workers: [2].into(),
             new_workers: [3].into(),
+        })
+    }
+
+    async fn old_generations(&self) -> Result<OldGenerations, NginxError> {
+        let generations = self.old_generations.load(Ordering::SeqCst);
+        Ok(OldGenerations {
+            generations,
+            workers: generations * 2,
         })
     }
 }
@@ -193,6 +203,80 @@ async fn an_addition_waits_for_settle_and_a_removal_does_not() {
         at - removed
     );
     assert!(!l.file().contains("127.0.0.3:80"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_addition_waits_while_old_generations_linger_and_a_removal_goes_at_once() {
+    let l = Loop::start(
+        &["127.0.0.2:80", "127.0.0.3:80"],
+        "settle = \"250ms\"\nmin_reload_interval = \"1s\"\nmax_old_generations = 1",
+        0,
+    );
+    l.wait_calls("reload", 1).await;
+    l.nginx.old_generations.store(2, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    l.set_servers(&["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"])
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(l.nginx.times("reload").len(), 1, "the addition waits");
+    let st = l.status().await;
+    assert_eq!(st.apply.state, "held");
+    assert!(
+        st.apply
+            .held
+            .as_deref()
+            .unwrap()
+            .contains("2 old nginx worker generations"),
+        "{:?}",
+        st.apply
+    );
+    assert_eq!(st.old_generations.map(|g| g.generations), Some(2));
+    assert_eq!(l.metrics.apply_pending.get(), 1);
+    assert_eq!(l.metrics.apply_held.get(), 1);
+    assert_eq!(l.metrics.nginx_old_generations.get(), 2);
+    assert_eq!(l.metrics.nginx_old_workers.get(), 4);
+
+    // A removal (with the held addition in the same file) goes at once.
+    let removed = l.set_servers(&["127.0.0.2:80", "127.0.0.4:80"]).await;
+    let at = l.wait_calls("reload", 2).await[1];
+    assert!(
+        at < removed + Duration::from_secs(1),
+        "a removal does not wait for old generations: {:?}",
+        at - removed
+    );
+    assert!(l.file().contains("127.0.0.4:80") && !l.file().contains("127.0.0.3:80"));
+
+    // Another addition waits until the generations leave, then goes within a poll.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    l.set_servers(&["127.0.0.2:80", "127.0.0.4:80", "127.0.0.5:80"])
+        .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        l.nginx.times("reload").len(),
+        2,
+        "the second addition waits"
+    );
+    l.nginx.old_generations.store(1, Ordering::SeqCst);
+    let left = Instant::now();
+    let at = l.wait_calls("reload", 3).await[2];
+    assert!(at <= left + super::generations::POLL, "{:?}", at - left);
+    let st = l.status().await;
+    assert_eq!((st.apply.state, st.apply.held), ("in_sync", None));
+    assert_eq!(l.metrics.apply_held.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_max_old_generations_an_addition_does_not_wait_for_old_generations() {
+    let l = Loop::start(&["127.0.0.2:80"], "settle = \"250ms\"", 0);
+    l.wait_calls("reload", 1).await;
+    l.nginx.old_generations.store(7, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    l.set_servers(&["127.0.0.2:80", "127.0.0.3:80"]).await;
+    l.wait_calls("reload", 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(l.metrics.nginx_old_generations.get(), 7);
+    assert_eq!(l.status().await.max_old_generations, 0);
 }
 
 #[tokio::test(start_paused = true)]

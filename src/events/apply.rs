@@ -141,11 +141,14 @@ pub struct ApplyProgress {
     pub pending: bool,
     /// Failed applies in a row; 0 after a success.
     pub failures: u32,
+    /// A due change waits for old nginx generations (`max_old_generations`).
+    pub held: bool,
 }
 
 impl Event for ApplyProgress {
     fn emit(&self, metrics: &Metrics) {
         metrics.apply_pending.set(i64::from(self.pending));
+        metrics.apply_held.set(i64::from(self.held));
         metrics.apply_failures.set(i64::from(self.failures));
     }
 }

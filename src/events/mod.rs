@@ -6,12 +6,14 @@
 //! it from the event that reports what happened.
 
 mod apply;
+mod generations;
 mod health;
 mod lua;
 mod service;
 mod source;
 
 pub use apply::{ApplyFailed, ApplyProgress, FileWritten, Reloaded, RenderFailed, Rendered};
+pub use generations::{HoldDecided, OldGenerationsCounted};
 pub use health::{EndpointsCounted, HealthChanged, ProbeFinished};
 pub use lua::LuaPushed;
 pub use service::{AdminConnectionRefused, ErrorLogLineRead, ErrorLogLinesTooLong};

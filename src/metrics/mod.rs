@@ -92,6 +92,12 @@ pub struct Metrics {
     pub(crate) shrink_held: Family<UpstreamLabels, Gauge>,
     /// `upstreamd_admin_connections_refused_total`.
     pub(crate) admin_refused: Counter,
+    /// `upstreamd_apply_held`.
+    pub(crate) apply_held: Gauge,
+    /// `upstreamd_nginx_old_generations`.
+    pub(crate) nginx_old_generations: Gauge,
+    /// `upstreamd_nginx_old_workers`.
+    pub(crate) nginx_old_workers: Gauge,
     /// `upstreamd_lua_pushes_total`.
     pub(crate) lua_pushes: Family<LuaPushLabels, Counter>,
     /// `upstreamd_lua_generation`.
@@ -127,6 +133,9 @@ impl Metrics {
             error_log_lines: Family::default(),
             shrink_held: Family::default(),
             admin_refused: Counter::default(),
+            apply_held: Gauge::default(),
+            nginx_old_generations: Gauge::default(),
+            nginx_old_workers: Gauge::default(),
             lua_pushes: Family::default(),
             lua_generation: Gauge::default(),
         };
@@ -244,6 +253,21 @@ impl Metrics {
             "upstreamd_admin_connections_refused",
             "Admin connections closed at once because max_connections were open",
             self.admin_refused.clone(),
+        );
+        r.register(
+            "upstreamd_apply_held",
+            "1 while a change that takes no server out waits because more old nginx worker generations linger than max_old_generations",
+            self.apply_held.clone(),
+        );
+        r.register(
+            "upstreamd_nginx_old_generations",
+            "Old nginx worker generations still shutting down (streams keep them alive), as last counted",
+            self.nginx_old_generations.clone(),
+        );
+        r.register(
+            "upstreamd_nginx_old_workers",
+            "nginx workers still shutting down, across the old generations",
+            self.nginx_old_workers.clone(),
         );
         r.register(
             "upstreamd_lua_pushes",

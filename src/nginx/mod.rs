@@ -7,6 +7,7 @@
 //! so the controller's tests use a fake and `tests/it/nginx_apply.rs` a real private nginx.
 
 mod error;
+mod generations;
 pub mod lua;
 mod process;
 mod system;
@@ -22,6 +23,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 pub use error::{NginxError, PidFileProblem};
+pub use generations::{old_generations, OldGenerations, GENERATION_GAP, SHUTTING_DOWN_TITLE};
 pub use process::{
     is_nginx_master, looks_like_nginx_master, parse_pid, parse_stat, read_cmdline, read_pid,
     worker_pids, Stat,
@@ -35,6 +37,11 @@ pub trait Nginx: Send + Sync {
     fn test(&self) -> impl Future<Output = Result<(), NginxError>> + Send;
     /// Signals (or runs reload_command) and waits for a new worker generation.
     fn reload(&self) -> impl Future<Output = Result<ReloadProof, NginxError>> + Send;
+    /// Counts the old worker generations still shutting down (streams keep them alive).
+    /// The default, for an nginx that cannot be inspected, reports none.
+    fn old_generations(&self) -> impl Future<Output = Result<OldGenerations, NginxError>> + Send {
+        async { Ok(OldGenerations::default()) }
+    }
 }
 
 /// Evidence that nginx took a reload: its master started workers that were not there before.

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::process::{read_cmdline, read_pid, worker_pids};
-use super::{looks_like_nginx_master, Nginx, NginxError, ReloadProof};
+use super::{looks_like_nginx_master, Nginx, NginxError, OldGenerations, ReloadProof};
 use crate::config::NginxConfig;
 
 /// How long the test and reload commands may run before they are killed.
@@ -66,6 +66,23 @@ impl SystemNginx {
         }
         read_pid(&self.pid_file)
     }
+
+    /// The master named by the pid file, checked to be an nginx master.
+    fn master(&self) -> Result<nix::unistd::Pid, NginxError> {
+        let master = read_pid(&self.pid_file)?;
+        let cmdline = match read_cmdline(master) {
+            Ok(cmdline) => cmdline,
+            // It exited since `read_pid` looked; whatever the pid is now, it is not ours to signal.
+            Err(_) => String::from("<gone>"),
+        };
+        if !looks_like_nginx_master(&cmdline) {
+            return Err(NginxError::NotNginxMaster {
+                pid: master,
+                cmdline,
+            });
+        }
+        Ok(master)
+    }
 }
 
 impl Nginx for SystemNginx {
@@ -85,18 +102,7 @@ impl Nginx for SystemNginx {
     }
 
     async fn reload(&self) -> Result<ReloadProof, NginxError> {
-        let master = read_pid(&self.pid_file)?;
-        let cmdline = match read_cmdline(master) {
-            Ok(cmdline) => cmdline,
-            // It exited since `read_pid` looked; whatever the pid is now, it is not ours to signal.
-            Err(_) => String::from("<gone>"),
-        };
-        if !looks_like_nginx_master(&cmdline) {
-            return Err(NginxError::NotNginxMaster {
-                pid: master,
-                cmdline,
-            });
-        }
+        let master = self.master()?;
         // Recorded before the signal: any child not in this set is of the new generation.
         let old_workers = worker_pids(master)?;
         let started = Instant::now();
@@ -121,6 +127,10 @@ impl Nginx for SystemNginx {
             }
             tokio::time::sleep(CONFIRM_POLL).await;
         }
+    }
+
+    async fn old_generations(&self) -> Result<OldGenerations, NginxError> {
+        super::old_generations(self.master()?)
     }
 }
 

@@ -34,6 +34,7 @@ mod lua_balancing;
 mod metrics_contract;
 mod never_stuck;
 mod nginx_apply;
+mod old_generations;
 mod operator;
 mod pipeline;
 mod registries;

@@ -219,6 +219,7 @@ fn defaults_are_those_documented_on_the_fields() {
         (Duration::from_millis(500), Duration::from_secs(2))
     );
     assert_eq!(n.error_log, None);
+    assert_eq!(n.max_old_generations, 0);
 }
 
 #[test]
@@ -999,4 +1000,22 @@ fn an_upstream_named_like_a_sticky_replica_group_is_refused() {
     );
     let fine = text.replace("balance = \"sticky\"\n", "");
     assert!(parse(&fine, &no_env).is_ok());
+}
+
+#[test]
+fn max_old_generations_is_read_and_bounded() {
+    let text = |n: &str| {
+        format!(
+            "[nginx]\noutput = \"/tmp/upstreamd.conf\"\nmax_old_generations = {n}\n\n[[upstream]]\nname = \"app\"\n{ONE_STATIC}"
+        )
+    };
+    let config = parse(&text("3"), &no_env).expect("valid");
+    assert_eq!(config.nginx.max_old_generations, 3);
+    assert_eq!(
+        errors(&text("1001")),
+        vec![(
+            "nginx.max_old_generations".to_owned(),
+            "must be a whole number from 0 to 1000 (found 1001)".to_owned()
+        )]
+    );
 }

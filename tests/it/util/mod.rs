@@ -288,6 +288,7 @@ impl Nginx {
             confirm_timeout: Duration::from_secs(2),
             state_dir: None,
             error_log: None,
+            max_old_generations: 0,
             apply: upstreamd::config::ApplyMode::Reload,
             lua: upstreamd::config::LuaConfig::defaults(&self.output(), None),
         }
