@@ -2,7 +2,6 @@
 //! modules, driven by hand-built pushes: traffic moves with no reload; wrong secrets, stale
 //! generations and hostile values change nothing; a restarted nginx serves from snapshot.json.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;

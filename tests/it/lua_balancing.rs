@@ -2,7 +2,6 @@
 //! retries and passive failures, keepalive, and nginx's own `hash ... consistent` and `ip_hash`
 //! (compared key by key with a reload-mode nginx), sticky affinity and least_conn.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 

@@ -1,7 +1,6 @@
 //! The README's metrics table is the contract: a running daemon exports exactly the metrics it
 //! lists, with exactly the labels it lists, and every label value it lists at 0 from the start.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::util::*;

@@ -211,10 +211,7 @@ fn replicas_failing_100ms_apart_cost_at_most_two_reloads_and_skip_settle() {
 
     // settle of an hour: only a change that skips settle can reach nginx in this test.
     std::fs::write(&daemon.config, cfg.nginx("settle", "1h").to_toml()).unwrap();
-    daemon.signal(Signal::SIGHUP);
-    wait_for("the config reload", SHORT, || {
-        daemon.output.text().contains("Configuration reloaded.")
-    });
+    daemon.reload_config();
 
     // Three failures 100 ms apart: the first goes at once, the others together one
     // min_reload_interval later.

@@ -693,6 +693,15 @@ impl Daemon {
         });
     }
 
+    /// Sends SIGHUP and waits for the daemon to log that it reloaded its configuration.
+    pub fn reload_config(&self) {
+        let before = self.output.text().matches(CONFIG_RELOADED).count();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        wait_for("the config reload", Duration::from_secs(15), || {
+            self.output.text().matches(CONFIG_RELOADED).count() > before
+        });
+    }
+
     /// Waits until the daemon's output shows `needle` (its log reaches the harness through a
     /// pipe and a reader thread, a moment after whatever the line reports).
     pub fn wait_log(&self, needle: &str) {
@@ -703,6 +712,9 @@ impl Daemon {
         );
     }
 }
+
+/// What the daemon logs once a SIGHUP's configuration is in force.
+const CONFIG_RELOADED: &str = "Configuration reloaded.";
 
 /// The address in the daemon's `Admin server listening.` line, text or JSON.
 fn admin_address(log: &str) -> Option<String> {
@@ -760,6 +772,28 @@ pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
     assert!(daemon.alive(), "the daemon runs");
 }
 
+/// Asserts that the file holds only the placeholder server (an upstream with no endpoint),
+/// that nginx accepts it, and that nginx answers 502.
+pub fn assert_placeholder(nginx: &Nginx) {
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        ["server 127.0.0.1:1 down;"]
+    );
+    assert!(nginx.test_config().status.success());
+    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+}
+
+/// Waits for nginx's `reloads`-th reload, then asserts that nothing more happens on its own
+/// ([`assert_quiet`]).
+pub fn settles_at(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
+    wait_for(
+        &format!("reload {reloads}"),
+        Duration::from_secs(10),
+        || nginx.reloads() == reloads,
+    );
+    assert_quiet(nginx, daemon, reloads);
+}
+
 /// Waits for the daemon to report its source failed, then keeps the outage going until
 /// `until` (a moment measured from its start: how long the outage lasts is the scenario, not
 /// a wait for something) and, once the loop has run on ([`Daemon::wait_loop_ran`]), asserts
@@ -800,22 +834,55 @@ pub fn assert_outage_changes_nothing(
     noticed
 }
 
+/// Prints nginx's state when the test is failing.
+fn report_if_panicking(nginx: &Nginx) {
+    if std::thread::panicking() {
+        eprintln!(
+            "---- rendered {}:\n{}",
+            nginx.output().display(),
+            nginx.rendered()
+        );
+        eprintln!("---- nginx error.log:\n{}", nginx.error_log());
+    }
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
     impl Drop for Report<'_> {
         fn drop(&mut self) {
-            if std::thread::panicking() {
-                eprintln!(
-                    "---- rendered {}:\n{}",
-                    self.0.output().display(),
-                    self.0.rendered()
-                );
-                eprintln!("---- nginx error.log:\n{}", self.0.error_log());
-            }
+            report_if_panicking(self.0);
         }
     }
     Report(nginx)
+}
+
+/// A private nginx for `upstream` and upstreamd on it, past its first apply
+/// ([`first_apply`]); nginx's state is printed if the test fails. The start most end-to-end
+/// tests share: borrow the two as `let (nginx, daemon) = (&run.nginx, &mut run.daemon);`.
+pub struct Running {
+    /// upstreamd (stopped before nginx).
+    pub daemon: Daemon,
+    /// The private nginx.
+    pub nginx: Nginx,
+}
+
+impl Running {
+    /// Starts nginx, then upstreamd with the config `config` writes for it, and waits for the
+    /// first apply.
+    pub fn start(upstream: &str, config: impl FnOnce(&Nginx) -> String) -> Self {
+        let nginx = Nginx::start(upstream);
+        let daemon = Daemon::start(&config(&nginx));
+        let run = Running { daemon, nginx };
+        first_apply(&run.nginx, &run.daemon);
+        run
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        report_if_panicking(&self.nginx);
+    }
 }
 
 /// The `server …;` lines of a rendered file, trimmed, in file order.
