@@ -323,10 +323,7 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
         .upstream(Upstream::new("kotaemon").consul(&reg.url, "kotaemon", "2s"))
         .to_toml();
     let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
+    let admin = daemon.ready_admin();
 
     let source = status(&admin)["upstreams"][0]["sources"][0].clone();
     assert_eq!(source["skipped"], 1, "{source}");
@@ -395,10 +392,7 @@ async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
         .upstream(Upstream::new("kotaemon").etcd_1s(&etcd.url(), prefix))
         .to_toml();
     let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
+    let admin = daemon.ready_admin();
     let source = status(&admin)["upstreams"][0]["sources"][0].clone();
     let entry = &source["skipped_entries"][0];
     assert_eq!(entry["name"], "/services/kotaemon/<i>x", "{source}");

@@ -338,7 +338,7 @@ async fn the_token_is_sent_and_never_logged(lane: Lane) {
 }
 
 async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
-    let Some((reg, replicas)) = registered(lane, ["alpha", "bravo"], 2).await else {
+    let Some((reg, _replicas)) = registered(lane, ["alpha", "bravo"], 2).await else {
         return;
     };
     let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
@@ -374,7 +374,7 @@ async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
 }
 
 async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) {
-    let Some((reg, replicas)) = registered(lane, ["alpha", "bravo", "charlie"], 3).await else {
+    let Some((reg, _replicas)) = registered(lane, ["alpha", "bravo", "charlie"], 3).await else {
         return;
     };
     let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());

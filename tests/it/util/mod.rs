@@ -642,6 +642,19 @@ impl Daemon {
         found.unwrap()
     }
 
+    /// Waits until the admin server's `/readyz` answers 200 (every source delivered and the
+    /// first apply succeeded); returns the admin server's address.
+    pub fn ready_admin(&self) -> String {
+        let admin = self.admin();
+        wait_for("readyz", Duration::from_secs(15), || {
+            matches!(
+                http_get(&admin, "/readyz", Duration::from_secs(15)),
+                Some((200, _))
+            )
+        });
+        admin
+    }
+
     /// What the daemon's loop has handled so far: probe results (`upstreamd_probes_total`,
     /// every upstream and result) and the Consul blocking queries its sources sent. Both only
     /// grow while the daemon runs.
@@ -938,6 +951,36 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// `upstreamd_reloads_total{result="RESULT"}` from the daemon's `/metrics`; 0 while the admin
+/// server is not up yet.
+pub fn reloads_counted(admin: &str, result: &str) -> f64 {
+    let text = http_get(admin, "/metrics", Duration::from_secs(15))
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    metric(
+        &text,
+        &format!("upstreamd_reloads_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// Waits until `upstreamd_reloads_total{result="RESULT"}` is exactly `n`.
+pub fn wait_reloads(admin: &str, result: &str, n: f64) {
+    wait_reloads_until(admin, result, &format!("= {n}"), |v| v == n);
+}
+
+/// Waits until `upstreamd_reloads_total{result="RESULT"}` is `n` or more.
+pub fn wait_reloads_at_least(admin: &str, result: &str, n: f64) {
+    wait_reloads_until(admin, result, &format!(">= {n}"), |v| v >= n);
+}
+
+fn wait_reloads_until(admin: &str, result: &str, what: &str, ok: impl Fn(f64) -> bool) {
+    wait_for(
+        &format!("upstreamd_reloads_total{{result=\"{result}\"}} {what}"),
+        Duration::from_secs(15),
+        || ok(reloads_counted(admin, result)),
+    );
+}
+
 /// The local addresses listening on TCP `port`, from /proc/net/tcp and tcp6 (hex as the
 /// kernel prints them, e.g. `0100007F` for 127.0.0.1).
 pub fn listening_on(port: u16) -> Vec<String> {
@@ -1033,13 +1076,7 @@ impl AdminStack {
             .admin_port0();
         let config = configure(cfg);
         let daemon = Daemon::start(&config.to_toml());
-        let admin = daemon.admin();
-        wait_for("readyz", Duration::from_secs(15), || {
-            matches!(
-                http_get(&admin, "/readyz", Duration::from_secs(15)),
-                Some((200, _))
-            )
-        });
+        let admin = daemon.ready_admin();
         AdminStack {
             replicas,
             nginx,
