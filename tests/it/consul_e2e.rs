@@ -12,24 +12,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{instance, replica_instance as registration, Lane, Registry};
 use crate::util::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SHORT: Duration = Duration::from_secs(10);
 
 /// The daemon's config: upstream `kotaemon` from `reg`'s service, probed fast (or not at all),
 /// with the admin server on port 0.
 fn config(nginx: &Nginx, reg: &Registry, probes: bool) -> Config {
-    let upstream = Upstream::new("kotaemon");
-    let upstream = if probes {
-        upstream.probe("/queue/status")
-    } else {
-        upstream
-    };
-    Config::new(nginx)
-        .admin_port0()
-        .upstream(upstream.consul(&reg.url, SERVICE, "2s"))
+    reg.config(nginx, probes, "2s")
 }
 
 const SENT: &str = "Consul blocking query sent.";
@@ -37,12 +29,6 @@ const SENT: &str = "Consul blocking query sent.";
 /// How many blocking queries the daemon has sent.
 fn queries(daemon: &Daemon) -> usize {
     daemon.output.text().matches(SENT).count()
-}
-
-/// A registration of `replica` under service ID `id`, at its own address.
-fn registration(id: &str, replica: &Replica, meta: Value) -> Value {
-    let (host, _) = replica.addr.rsplit_once(':').unwrap();
-    instance(id, host, replica.port(), &[], meta)
 }
 
 /// Registers each of `replicas` under its own name, with no meta.
@@ -348,10 +334,7 @@ async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
     // The daemon's own probes are the clock: 30 of them at 200 ms over two replicas are
     // about 3 s of its time, one or two blocking queries' wait.
     let logged = queries(daemon);
-    let served = match lane {
-        Lane::Standin => reg.health_requests().await,
-        Lane::RealConsul => 0,
-    };
+    let served = reg.health_requests_counted().await;
     let (probes, _) = daemon.activity();
     wait_for("30 more probes", SHORT, || {
         daemon.activity().0 >= probes + 30.0
@@ -364,13 +347,7 @@ async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
         (1..=3).contains(&sent),
         "blocking queries, not a poll loop: {sent} in 30 probe rounds"
     );
-    if lane == Lane::Standin {
-        let at_server = reg.health_requests().await - served;
-        assert!(
-            at_server.abs_diff(sent as u64) <= 1,
-            "the stand-in saw {at_server}, the daemon logged {sent}"
-        );
-    }
+    reg.assert_served_as_sent(served, sent, "the daemon").await;
 }
 
 async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) {

@@ -161,10 +161,10 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
 
     // One down: the template renders a directive nginx does not know.
     replicas[1].set_mode("error");
-    wait_reloads(&admin, "test_failed", 1.0);
+    wait_reloads(admin, "test_failed", 1.0);
     assert_eq!(nginx.rendered(), good, "rolled back to the last good bytes");
     assert_eq!(nginx.reloads(), 1, "nothing signalled with a rejected file");
-    let st = admin_status(&admin);
+    let st = admin_status(admin);
     assert_eq!(st["last_apply"]["result"], "test_failed");
     let error = st["last_apply"]["error"].as_str().unwrap();
     assert!(
@@ -176,20 +176,20 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
     // The rejected text is retried with backoff (the site may be fixed meanwhile), and a
     // failed test signals nothing: no reload storm.
     wait_for("a retry of the rejected text", SHORT, || {
-        reloads_counted(&admin, "test_failed") >= 2.0
+        reloads_counted(admin, "test_failed") >= 2.0
     });
     assert_eq!(nginx.reloads(), 1);
     assert_eq!(nginx.rendered(), good);
 
     // Two down: valid again, applied.
     replicas[2].set_mode("error");
-    wait_reloads(&admin, "ok", 2.0);
+    wait_reloads(admin, "ok", 2.0);
     assert_eq!(nginx.reloads(), 2);
     let text = nginx.rendered();
     for r in &replicas[1..] {
         assert!(text.contains(&format!("server {} down;", r.addr)), "{text}");
     }
-    assert_eq!(admin_status(&admin)["last_apply"]["result"], "ok");
+    assert_eq!(admin_status(admin)["last_apply"]["result"], "ok");
 }
 
 #[test]
@@ -208,12 +208,12 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     let good = nginx.rendered();
 
     replicas[1].set_mode("error");
-    wait_reloads(&admin, "unconfirmed", 1.0);
+    wait_reloads(admin, "unconfirmed", 1.0);
     assert_eq!(nginx.rendered(), good, "rolled back to the last good bytes");
-    assert_eq!(reloads_counted(&admin, "ok"), 1.0);
+    assert_eq!(reloads_counted(admin, "ok"), 1.0);
     assert!(nginx.reloads() >= 2, "the SIGHUP nginx refused");
     assert!(nginx.error_log().contains("no_such_directive"));
-    let st = admin_status(&admin);
+    let st = admin_status(admin);
     assert_eq!(st["last_apply"]["result"], "unconfirmed");
     assert!(st["last_apply"]["error"]
         .as_str()
@@ -223,11 +223,11 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     assert!(matches!(nginx.get("/"), Some((200, _))));
 
     replicas[2].set_mode("error");
-    wait_reloads(&admin, "ok", 2.0);
+    wait_reloads(admin, "ok", 2.0);
     assert!(nginx
         .rendered()
         .contains(&format!("server {} down;", replicas[2].addr)));
-    assert!(reloads_counted(&admin, "unconfirmed") >= 1.0);
+    assert!(reloads_counted(admin, "unconfirmed") >= 1.0);
 }
 
 #[test]
