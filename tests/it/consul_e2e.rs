@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, replica_instance as registration, Lane, Registry};
+use crate::util::consul::{
+    instance, on_every_lane, replica_instance as registration, Lane, Registry,
+};
 use crate::util::*;
 use serde_json::json;
 
@@ -55,22 +57,8 @@ fn server(replica: &Replica, attrs: &str) -> String {
     format!("server {}{attrs};", replica.addr)
 }
 
-macro_rules! on_every_lane {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-            async fn standin() {
-                super::$name(super::Lane::Standin).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-            async fn real_consul() {
-                super::$name(super::Lane::RealConsul).await
-            }
-        }
-    )*};
-}
-
 on_every_lane!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     three_registered_replicas_serve_after_one_reload,
     a_registration_is_served_within_a_second_and_a_deregistration_leaves,
     maintenance_renders_down_and_back,

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{instance, on_every_lane, Lane, Registry, SERVICE};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -166,22 +166,8 @@ const SECOND: Duration = Duration::from_secs(1);
 // ---------------------------------------------------------------------------------------------
 // Tests run on every lane.
 
-macro_rules! on_every_lane {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn standin() {
-                super::$name(super::Lane::Standin).await
-            }
-            #[tokio::test]
-            async fn real_consul() {
-                super::$name(super::Lane::RealConsul).await
-            }
-        }
-    )*};
-}
-
 on_every_lane!(
+    #[tokio::test]
     discovery,
     registration_and_deregistration_arrive_quickly,
     maintenance_and_failing_checks_are_critical,

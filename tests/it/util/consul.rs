@@ -14,6 +14,24 @@ use super::{free_port, Config, Nginx, Replica, Upstream};
 /// The service name every test registers under.
 pub const SERVICE: &str = "kotaemon";
 
+/// Runs each named `async fn(Lane)` of the calling module (which imports [`Lane`]) as two
+/// tests, `NAME::standin` and `NAME::real_consul`, under the test attribute given first.
+macro_rules! on_every_lane {
+    (#[$test:meta] $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[$test]
+            async fn standin() {
+                super::$name(super::Lane::Standin).await
+            }
+            #[$test]
+            async fn real_consul() {
+                super::$name(super::Lane::RealConsul).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_every_lane;
+
 /// Which registry a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
