@@ -199,18 +199,13 @@ impl<N: Nginx> Controller<N> {
         let retry_in =
             self.schedule
                 .on_attempt(Instant::now(), result.is_ok(), rand::random::<f64>());
-        self.last_apply = Some(LastApply {
-            result: match &result {
-                Ok(Applied::Unchanged) => "unchanged".into(),
-                Ok(Applied::Reloaded { .. }) => "ok".into(),
-                Ok(Applied::Written { .. }) => "written".into(),
-                Err(e) => e.result_label().into(),
-            },
-            at: now,
-            duration: took,
-            changes: changes.clone(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-        });
+        let label = match &result {
+            Ok(Applied::Unchanged) => "unchanged",
+            Ok(Applied::Reloaded { .. }) => "ok",
+            Ok(Applied::Written { .. }) => "written",
+            Err(e) => e.result_label(),
+        };
+        self.last_apply = Some(LastApply::new(label, (now, took), &changes, &result));
         match result {
             Ok(applied) => {
                 if let Applied::Reloaded { .. } = applied {

@@ -194,17 +194,12 @@ impl<N: Nginx> Controller<N> {
         let retry_in =
             self.schedule
                 .on_attempt(Instant::now(), result.is_ok(), rand::random::<f64>());
-        self.last_apply = Some(LastApply {
-            result: match &result {
-                Ok((_, Pushed::Confirmed(_))) => "pushed".into(),
-                Ok((_, Pushed::FellBack(_))) => "fell_back".into(),
-                Err(e) => e.result_label().into(),
-            },
-            at: now,
-            duration: took,
-            changes: changes.clone(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-        });
+        let label = match &result {
+            Ok((_, Pushed::Confirmed(_))) => "pushed",
+            Ok((_, Pushed::FellBack(_))) => "fell_back",
+            Err(e) => e.result_label(),
+        };
+        self.last_apply = Some(LastApply::new(label, (now, took), &changes, &result));
         match &result {
             Ok((Applied::Reloaded { reload, .. }, _)) => Reloaded {
                 changes: "the lua include changed",

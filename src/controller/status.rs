@@ -288,6 +288,23 @@ pub(crate) fn upstream_status(
 }
 
 impl LastApply {
+    /// The attempt at `now` that took `took` and ended in `result`, `label` its `/status`
+    /// result.
+    pub(crate) fn new<T, E: std::fmt::Display>(
+        label: &str,
+        (now, took): (Instant, Duration),
+        changes: &str,
+        result: &Result<T, E>,
+    ) -> Self {
+        LastApply {
+            result: label.into(),
+            at: now,
+            duration: took,
+            changes: changes.into(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
     pub(crate) fn report(&self, now: Instant) -> ApplyStatus {
         ApplyStatus {
             result: self.result.clone(),

@@ -8,6 +8,22 @@ use crate::metrics::labels::{ReloadLabels, ReloadResult, RenderLabels, RenderRes
 use crate::metrics::Metrics;
 use crate::nginx::ApplyError;
 
+/// Counts one render in `upstreamd_renders_total`.
+fn count_render(metrics: &Metrics, result: RenderResult) {
+    metrics
+        .renders
+        .get_or_create(&RenderLabels { result })
+        .inc();
+}
+
+/// Counts one apply in `upstreamd_reloads_total`.
+fn count_reload(metrics: &Metrics, result: ReloadResult) {
+    metrics
+        .reloads
+        .get_or_create(&ReloadLabels { result })
+        .inc();
+}
+
 /// The include file rendered; `changed` when the bytes differ from what nginx runs.
 #[derive(Debug)]
 pub struct Rendered {
@@ -17,15 +33,14 @@ pub struct Rendered {
 
 impl Event for Rendered {
     fn emit(&self, metrics: &Metrics) {
-        let result = if self.changed {
-            RenderResult::Changed
-        } else {
-            RenderResult::Unchanged
-        };
-        metrics
-            .renders
-            .get_or_create(&RenderLabels { result })
-            .inc();
+        count_render(
+            metrics,
+            if self.changed {
+                RenderResult::Changed
+            } else {
+                RenderResult::Unchanged
+            },
+        );
     }
 }
 
@@ -42,12 +57,7 @@ pub struct RenderFailed<'a> {
 
 impl Event for RenderFailed<'_> {
     fn emit(&self, metrics: &Metrics) {
-        metrics
-            .renders
-            .get_or_create(&RenderLabels {
-                result: RenderResult::Error,
-            })
-            .inc();
+        count_render(metrics, RenderResult::Error);
         if self.new {
             tracing::error!(error = %self.error, output = %self.output.display(),
                 "Could not render the upstream file; keeping the last good one and running on.");
@@ -66,12 +76,7 @@ pub struct Reloaded<'a> {
 
 impl Event for Reloaded<'_> {
     fn emit(&self, metrics: &Metrics) {
-        metrics
-            .reloads
-            .get_or_create(&ReloadLabels {
-                result: ReloadResult::Ok,
-            })
-            .inc();
+        count_reload(metrics, ReloadResult::Ok);
         metrics.reload_duration.observe(self.took.as_secs_f64());
         let unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -114,12 +119,7 @@ pub struct ApplyFailed<'a> {
 
 impl Event for ApplyFailed<'_> {
     fn emit(&self, metrics: &Metrics) {
-        metrics
-            .reloads
-            .get_or_create(&ReloadLabels {
-                result: ReloadResult::from(self.error),
-            })
-            .inc();
+        count_reload(metrics, ReloadResult::from(self.error));
         let state = if self.error.file_restored() {
             "the file nginx runs is unchanged"
         } else {

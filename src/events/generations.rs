@@ -1,6 +1,6 @@
 //! Events of the old nginx worker generations that reloads leave behind (reload mode).
 
-use super::Event;
+use super::{gauge, Event};
 use crate::metrics::Metrics;
 
 /// The old generations were counted (every second, and before a change that could wait).
@@ -23,12 +23,8 @@ impl Event for OldGenerationsCounted {
                 "Old nginx worker generations counted."
             );
         }
-        metrics
-            .nginx_old_generations
-            .set(i64::try_from(self.generations).unwrap_or(i64::MAX));
-        metrics
-            .nginx_old_workers
-            .set(i64::try_from(self.workers).unwrap_or(i64::MAX));
+        metrics.nginx_old_generations.set(gauge(self.generations));
+        metrics.nginx_old_workers.set(gauge(self.workers));
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::Event;
+use super::{gauge, Event};
 use crate::health::Health;
 use crate::metrics::labels::ProbeResult;
 use crate::metrics::{endpoint_labels, probe_labels, transition_labels, upstream_labels, Metrics};
@@ -73,7 +73,7 @@ impl Event for EndpointsCounted<'_> {
             metrics
                 .endpoints
                 .get_or_create(&endpoint_labels(self.upstream, state))
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+                .set(gauge(n));
         }
     }
 }

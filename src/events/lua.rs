@@ -1,6 +1,6 @@
 //! Events of `apply = "lua"`: pushes of the membership to nginx's Lua update endpoint.
 
-use super::Event;
+use super::{gauge, Event};
 use crate::metrics::labels::{LuaPushLabels, LuaPushResult};
 use crate::metrics::Metrics;
 
@@ -23,9 +23,7 @@ impl Event for LuaPushed {
             .inc();
         if self.result == LuaPushResult::Confirmed {
             // Generations are milliseconds since the epoch: far inside i64.
-            metrics
-                .lua_generation
-                .set(i64::try_from(self.generation).unwrap_or(i64::MAX));
+            metrics.lua_generation.set(gauge(self.generation));
         }
         tracing::debug!(
             result = self.result.as_str(),

@@ -28,3 +28,8 @@ pub trait Event {
     /// Writes the log line and updates the metrics.
     fn emit(&self, metrics: &Metrics);
 }
+
+/// A count as a gauge value, saturating at `i64::MAX` (gauges are signed).
+fn gauge<T: TryInto<i64>>(n: T) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}

@@ -1,6 +1,6 @@
 //! Events of sources and upstreams: answers, failures, the shrink guard, config changes.
 
-use super::Event;
+use super::{gauge, Event};
 use crate::metrics::{source_labels, upstream_labels, Metrics};
 use crate::model::UpstreamName;
 
@@ -27,7 +27,7 @@ impl Event for SourceAnswered<'_> {
         metrics
             .skipped
             .get_or_create(&labels)
-            .set(i64::try_from(self.skipped).unwrap_or(i64::MAX));
+            .set(gauge(self.skipped));
         metrics
             .skipped_total
             .get_or_create(&labels)

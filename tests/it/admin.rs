@@ -23,6 +23,16 @@ fn status(admin: &str) -> serde_json::Value {
     serde_json::from_str(&get(admin, "/status").1).unwrap()
 }
 
+/// Waits for the first source's `error` on `/status` (after `kind`'s registry went away) and
+/// returns it.
+fn stale_source_error(admin: &str, kind: &str) -> String {
+    let error = || status(admin)["upstreams"][0]["sources"][0]["error"].clone();
+    wait_for(&format!("the {kind} source to go stale"), SHORT, || {
+        error().is_string()
+    });
+    error().as_str().unwrap().to_owned()
+}
+
 #[test]
 fn admin_endpoints_report_state_metrics_and_transitions() {
     let s = setup(2);
@@ -298,20 +308,13 @@ fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
 /// away reads as a sentence, not hyper's debug text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
-    use crate::util::consul::{instance, Lane, Registry};
+    use crate::util::consul::{instance, replica_instance, Lane, Registry};
     let Some(mut reg) = Registry::start(Lane::Standin, None).await else {
         return;
     };
     let alpha = Replica::start("alpha");
-    let (host, _) = alpha.addr.rsplit_once(':').unwrap();
-    reg.register(instance(
-        "alpha",
-        host,
-        alpha.port(),
-        &[],
-        serde_json::json!({}),
-    ))
-    .await;
+    reg.register(replica_instance("alpha", &alpha, serde_json::json!({})))
+        .await;
     let hostile = "bad<b>one";
     let meta = serde_json::json!({"weight": "3; down"});
     reg.register(instance(hostile, "127.0.0.9", 80, &[], meta))
@@ -323,10 +326,7 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
         .upstream(Upstream::new("kotaemon").consul(&reg.url, "kotaemon", "2s"))
         .to_toml();
     let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
+    let admin = daemon.ready_admin();
 
     let source = status(&admin)["upstreams"][0]["sources"][0].clone();
     assert_eq!(source["skipped"], 1, "{source}");
@@ -349,13 +349,7 @@ async fn status_names_skipped_entries_and_source_errors_read_as_sentences() {
     assert_eq!(metric(&admin_metrics(&admin), skipped_total), 1.0);
 
     reg.kill();
-    wait_for("the consul source to go stale", SHORT, || {
-        status(&admin)["upstreams"][0]["sources"][0]["error"].is_string()
-    });
-    let error = status(&admin)["upstreams"][0]["sources"][0]["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let error = stale_source_error(&admin, "consul");
     // The blocking query in flight when Consul died may fail first with a closed or reset
     // connection (the error the source reports); a retry after it meets a refused connect.
     assert!(
@@ -395,10 +389,7 @@ async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
         .upstream(Upstream::new("kotaemon").etcd_1s(&etcd.url(), prefix))
         .to_toml();
     let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_for("readyz", SHORT, || {
-        matches!(http_get(&admin, "/readyz", SHORT), Some((200, _)))
-    });
+    let admin = daemon.ready_admin();
     let source = status(&admin)["upstreams"][0]["sources"][0].clone();
     let entry = &source["skipped_entries"][0];
     assert_eq!(entry["name"], "/services/kotaemon/<i>x", "{source}");
@@ -410,13 +401,7 @@ async fn an_etcd_key_and_an_etcd_outage_read_as_sentences_on_status() {
     );
 
     etcd.kill();
-    wait_for("the etcd source to go stale", SHORT, || {
-        status(&admin)["upstreams"][0]["sources"][0]["error"].is_string()
-    });
-    let error = status(&admin)["upstreams"][0]["sources"][0]["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let error = stale_source_error(&admin, "etcd");
     assert!(error.starts_with("etcd "), "{error}");
     for debug in ["code:", "source:", "Error(", "{", "Kind(", "Os "] {
         assert!(!error.contains(debug), "debug text {debug:?} in {error:?}");

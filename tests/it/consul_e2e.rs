@@ -12,24 +12,18 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{
+    instance, on_every_lane, replica_instance as registration, Lane, Registry,
+};
 use crate::util::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const SHORT: Duration = Duration::from_secs(10);
 
 /// The daemon's config: upstream `kotaemon` from `reg`'s service, probed fast (or not at all),
 /// with the admin server on port 0.
 fn config(nginx: &Nginx, reg: &Registry, probes: bool) -> Config {
-    let upstream = Upstream::new("kotaemon");
-    let upstream = if probes {
-        upstream.probe("/queue/status")
-    } else {
-        upstream
-    };
-    Config::new(nginx)
-        .admin_port0()
-        .upstream(upstream.consul(&reg.url, SERVICE, "2s"))
+    reg.config(nginx, probes, "2s")
 }
 
 const SENT: &str = "Consul blocking query sent.";
@@ -39,32 +33,32 @@ fn queries(daemon: &Daemon) -> usize {
     daemon.output.text().matches(SENT).count()
 }
 
-/// A registration of `replica` under service ID `id`, at its own address.
-fn registration(id: &str, replica: &Replica, meta: Value) -> Value {
-    let (host, _) = replica.addr.rsplit_once(':').unwrap();
-    instance(id, host, replica.port(), &[], meta)
+/// Registers each of `replicas` under its own name, with no meta.
+async fn register_plain(reg: &Registry, replicas: &[Replica]) {
+    for r in replicas {
+        reg.register(registration(&r.name, r, json!({}))).await;
+    }
+}
+
+/// `lane`'s registry and `names` started as replicas, the first `registered` of them
+/// registered plainly; `None` when the lane is skipped (before any replica starts).
+async fn registered<const N: usize>(
+    lane: Lane,
+    names: [&str; N],
+    registered: usize,
+) -> Option<(Registry, [Replica; N])> {
+    let reg = Registry::start(lane, None).await?;
+    let replicas = names.map(Replica::start);
+    register_plain(&reg, &replicas[..registered]).await;
+    Some((reg, replicas))
 }
 
 fn server(replica: &Replica, attrs: &str) -> String {
     format!("server {}{attrs};", replica.addr)
 }
 
-macro_rules! on_every_lane {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-            async fn standin() {
-                super::$name(super::Lane::Standin).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-            async fn real_consul() {
-                super::$name(super::Lane::RealConsul).await
-            }
-        }
-    )*};
-}
-
 on_every_lane!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     three_registered_replicas_serve_after_one_reload,
     a_registration_is_served_within_a_second_and_a_deregistration_leaves,
     maintenance_renders_down_and_back,
@@ -81,11 +75,7 @@ async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
     let Some(reg) = Registry::start(lane, None).await else {
         return;
     };
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
     reg.register(registration("alpha", &replicas[0], json!({"weight": "3"})))
         .await;
     reg.register(registration(
@@ -96,11 +86,8 @@ async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
     .await;
     reg.register(registration("charlie", &replicas[2], json!({})))
         .await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     let want = in_render_order(vec![
         server(&replicas[0], " weight=3"),
         server(&replicas[1], " max_fails=2 fail_timeout=10s"),
@@ -112,25 +99,15 @@ async fn three_registered_replicas_serve_after_one_reload(lane: Lane) {
         "all three replicas to serve",
         exactly(&["alpha", "bravo", "charlie"]),
     );
-    assert_quiet(&nginx, &mut daemon, 1);
+    assert_quiet(nginx, daemon, 1);
 }
 
 async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(lane: Lane) {
-    let Some(reg) = Registry::start(lane, None).await else {
+    let Some((reg, replicas)) = registered(lane, ["alpha", "bravo", "charlie"], 2).await else {
         return;
     };
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
-    for r in &replicas[..2] {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
     // The daemon blocks on its next query (the first answered with alpha and bravo).
     reg.wait_blocked().await;
@@ -173,26 +150,15 @@ async fn a_registration_is_served_within_a_second_and_a_deregistration_leaves(la
         "{}",
         nginx.rendered()
     );
-    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, 3);
+    settles_at(nginx, daemon, 3);
 }
 
 async fn maintenance_renders_down_and_back(lane: Lane) {
-    let Some(reg) = Registry::start(lane, None).await else {
+    let Some((reg, replicas)) = registered(lane, ["alpha", "bravo", "charlie"], 3).await else {
         return;
     };
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
-    for r in &replicas {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(
         30,
         "all three to serve",
@@ -217,8 +183,7 @@ async fn maintenance_renders_down_and_back(lane: Lane) {
         "bravo back in traffic",
         exactly(&["alpha", "bravo", "charlie"]),
     );
-    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, 3);
+    settles_at(nginx, daemon, 3);
 }
 
 async fn with_probes_off_consul_alone_decides(lane: Lane) {
@@ -228,13 +193,9 @@ async fn with_probes_off_consul_alone_decides(lane: Lane) {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
     // bravo fails its health path, which nobody asks: Consul says passing, so it serves.
     replicas[1].set_mode_and_wait("error", 503);
-    for r in &replicas {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, false).to_toml());
-    first_apply(&nginx, &daemon);
+    register_plain(&reg, &replicas).await;
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, false).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     assert_eq!(
         server_lines(&nginx.rendered()),
         in_render_order(vec![server(&replicas[0], ""), server(&replicas[1], "")]),
@@ -247,8 +208,7 @@ async fn with_probes_off_consul_alone_decides(lane: Lane) {
         nginx.rendered().contains(&server(&replicas[1], " down"))
     });
     nginx.wait_spread(20, "only alpha to serve", exactly(&["alpha"]));
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
     assert!(
         !daemon.output.text().contains("Endpoint health changed."),
         "nothing was probed:\n{}",
@@ -270,28 +230,22 @@ async fn an_instance_without_an_address_gets_the_node_address(lane: Lane) {
     reg.register(registration("alpha", &alpha, json!({}))).await;
     reg.register(instance("nodal", "", nodal.port(), &[], json!({})))
         .await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     assert!(
         server_lines(&nginx.rendered()).contains(&server(&nodal, "")),
         "{} rendered",
         nodal.addr
     );
     nginx.wait_spread(20, "both to serve", exactly(&["alpha", "nodal"]));
-    assert_quiet(&nginx, &mut daemon, 1);
+    assert_quiet(nginx, daemon, 1);
 }
 
 async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: Lane) {
     let Some(reg) = Registry::start(lane, None).await else {
         return;
     };
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
     reg.register(registration("alpha", &replicas[0], json!({})))
         .await;
     reg.register(registration(
@@ -300,10 +254,8 @@ async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: La
         json!({"weight": "heavy"}),
     ))
     .await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     assert_eq!(server_lines(&nginx.rendered()), [server(&replicas[0], "")]);
     nginx.wait_spread(20, "alpha alone to serve", exactly(&["alpha"]));
 
@@ -325,7 +277,7 @@ async fn a_bad_meta_weight_is_skipped_with_a_warning_and_never_rendered(lane: La
             .any(|l| l.contains(warning) && l.contains("weight")),
         "the warning says why:\n{log}"
     );
-    assert_quiet(&nginx, &mut daemon, 2);
+    assert_quiet(nginx, daemon, 2);
 }
 
 async fn the_token_is_sent_and_never_logged(lane: Lane) {
@@ -339,11 +291,11 @@ async fn the_token_is_sent_and_never_logged(lane: Lane) {
     let secrets = tempfile::tempdir().unwrap();
     let token_file = secrets.path().join("consul.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let cfg = config(&nginx, &reg, true).source("token_file", token_file.display().to_string());
-    let mut daemon = Daemon::start(&cfg.to_toml());
-    first_apply(&nginx, &daemon);
+    let token = token_file.display().to_string();
+    let mut run = Running::start("kotaemon", |n| {
+        config(n, &reg, true).source("token_file", token).to_toml()
+    });
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     reg.register(registration("bravo", &replicas[1], json!({})))
         .await;
     nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
@@ -360,66 +312,42 @@ async fn the_token_is_sent_and_never_logged(lane: Lane) {
 }
 
 async fn a_quiet_service_costs_a_handful_of_requests(lane: Lane) {
-    let Some(reg) = Registry::start(lane, None).await else {
+    let Some((reg, _replicas)) = registered(lane, ["alpha", "bravo"], 2).await else {
         return;
     };
-    let replicas = [Replica::start("alpha"), Replica::start("bravo")];
-    for r in &replicas {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(20, "both to serve", exactly(&["alpha", "bravo"]));
 
     // The daemon's own probes are the clock: 30 of them at 200 ms over two replicas are
     // about 3 s of its time, one or two blocking queries' wait.
-    let logged = queries(&daemon);
-    let served = match lane {
-        Lane::Standin => reg.health_requests().await,
-        Lane::RealConsul => 0,
-    };
+    let logged = queries(daemon);
+    let served = reg.health_requests_counted().await;
     let (probes, _) = daemon.activity();
     wait_for("30 more probes", SHORT, || {
         daemon.activity().0 >= probes + 30.0
     });
-    let sent = queries(&daemon) - logged;
-    assert_quiet(&nginx, &mut daemon, 1);
+    let sent = queries(daemon) - logged;
+    assert_quiet(nginx, daemon, 1);
     println!("figure: consul quiet service: {sent} requests in 30 probe rounds with wait = 2s ({lane:?})");
     // One blocking query per wait (2s, plus up to wait/16 of server jitter).
     assert!(
         (1..=3).contains(&sent),
         "blocking queries, not a poll loop: {sent} in 30 probe rounds"
     );
-    if lane == Lane::Standin {
-        let at_server = reg.health_requests().await - served;
-        assert!(
-            at_server.abs_diff(sent as u64) <= 1,
-            "the stand-in saw {at_server}, the daemon logged {sent}"
-        );
-    }
+    reg.assert_served_as_sent(served, sent, "the daemon").await;
 }
 
 async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) {
-    let Some(reg) = Registry::start(lane, None).await else {
+    let Some((reg, _replicas)) = registered(lane, ["alpha", "bravo", "charlie"], 3).await else {
         return;
     };
-    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
-    for r in &replicas {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
 
     // SIGHUP restarts the source; it lists the same service again.
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for("the config reload", SHORT, || {
-        daemon.output.text().contains("Configuration reloaded.")
-    });
-    assert_quiet(&nginx, &mut daemon, 1);
+    daemon.reload_config();
+    assert_quiet(nginx, daemon, 1);
 
     // The restarted source still follows the service.
     reg.deregister("alpha").await;
@@ -428,8 +356,7 @@ async fn a_config_reload_over_an_unchanged_registry_reloads_nothing(lane: Lane) 
         "bravo and charlie to serve",
         exactly(&["bravo", "charlie"]),
     );
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }
 
 async fn an_empty_service_renders_the_placeholder_until_the_first_registration(lane: Lane) {
@@ -437,22 +364,14 @@ async fn an_empty_service_renders_the_placeholder_until_the_first_registration(l
         return;
     };
     let alpha = Replica::start("alpha");
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
-    assert_eq!(
-        server_lines(&nginx.rendered()),
-        ["server 127.0.0.1:1 down;"]
-    );
-    assert!(nginx.test_config().status.success());
-    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
+    assert_placeholder(nginx);
 
     reg.register(registration("alpha", &alpha, json!({}))).await;
     nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
     assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,17 +380,11 @@ async fn an_empty_service_renders_the_placeholder_until_the_first_registration(l
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn after_an_index_reset_changes_still_arrive() {
     let reg = Registry::start(Lane::Standin, None).await.unwrap();
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
     reg.register(registration("alpha", &replicas[0], json!({})))
         .await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     reg.wait_blocked().await;
 
     // The index drops below the one the daemon blocks on, as after a snapshot restore.
@@ -508,25 +421,16 @@ async fn after_an_index_reset_changes_still_arrive() {
     // Sooner than the 2s wait: a woken query, not one that timed out.
     assert!(second < Duration::from_secs(1), "{second:?}");
     daemon.wait_log("went backwards");
-    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, 3);
+    settles_at(nginx, daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
     let reg = Registry::start(Lane::Standin, None).await.unwrap();
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
-    for r in &replicas[..2] {
-        reg.register(registration(&r.name, r, json!({}))).await;
-    }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &reg, true).to_toml());
-    first_apply(&nginx, &daemon);
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
+    register_plain(&reg, &replicas[..2]).await;
+    let mut run = Running::start("kotaemon", |n| config(n, &reg, true).to_toml());
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
     let bytes = std::fs::read(nginx.output()).unwrap();
 
@@ -534,8 +438,8 @@ async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
     reg.fault("error500").await;
     // The query in flight ends with its wait (2s); the next one gets the 500.
     assert_outage_changes_nothing(
-        &nginx,
-        &mut daemon,
+        nginx,
+        daemon,
         &bytes,
         outage + Duration::from_secs(5),
         &["alpha", "bravo"],
@@ -567,6 +471,5 @@ async fn a_five_second_outage_changes_nothing_and_recovery_is_prompt() {
     // Retry backoff is capped at 3s; then one blocking query and one reload.
     assert!(recovery < Duration::from_secs(4), "{recovery:?}");
     daemon.wait_log("Source recovered.");
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }

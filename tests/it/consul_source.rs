@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{instance, on_every_lane, Lane, Registry, SERVICE};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -166,22 +166,8 @@ const SECOND: Duration = Duration::from_secs(1);
 // ---------------------------------------------------------------------------------------------
 // Tests run on every lane.
 
-macro_rules! on_every_lane {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn standin() {
-                super::$name(super::Lane::Standin).await
-            }
-            #[tokio::test]
-            async fn real_consul() {
-                super::$name(super::Lane::RealConsul).await
-            }
-        }
-    )*};
-}
-
 on_every_lane!(
+    #[tokio::test]
     discovery,
     registration_and_deregistration_arrive_quickly,
     maintenance_and_failing_checks_are_critical,
@@ -439,14 +425,7 @@ async fn a_quiet_service_costs_few_requests(lane: Lane) {
     w.snapshot(5 * SECOND, "k1", has("10.5.0.1:7860")).await;
 
     let quiet = Duration::from_secs(3);
-    let (logged, served) = (
-        w.logs.count(SENT),
-        if lane == Lane::Standin {
-            reg.health_requests().await
-        } else {
-            0
-        },
-    );
+    let (logged, served) = (w.logs.count(SENT), reg.health_requests_counted().await);
     let extra = w.next(quiet).await;
     assert!(
         extra.is_none(),
@@ -461,13 +440,7 @@ async fn a_quiet_service_costs_few_requests(lane: Lane) {
         (2..=6).contains(&sent),
         "blocking queries, not a poll loop: {sent} requests in {quiet:?}"
     );
-    if lane == Lane::Standin {
-        let at_server = reg.health_requests().await - served;
-        assert!(
-            at_server.abs_diff(sent as u64) <= 1,
-            "the server saw {at_server}, the source logged {sent}"
-        );
-    }
+    reg.assert_served_as_sent(served, sent, "the source").await;
 }
 
 async fn shutdown_ends_a_blocked_query_at_once(lane: Lane) {

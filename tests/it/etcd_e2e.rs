@@ -76,10 +76,8 @@ async fn the_three_layouts_render_with_their_attributes() {
     )
     .await;
 
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     assert_eq!(
         server_lines(&nginx.rendered()),
         in_render_order(vec![
@@ -101,7 +99,7 @@ async fn the_three_layouts_render_with_their_attributes() {
         spread["bravo"] > spread["alpha"],
         "weight 3 over weight 1: {spread:?}"
     );
-    assert_quiet(&nginx, &mut daemon, 1);
+    assert_quiet(nginx, daemon, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -111,10 +109,8 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
     let [alpha, bravo, charlie] = ["alpha", "bravo", "charlie"].map(Replica::start);
     put(&mut c, "alpha", &alpha.addr).await;
     put(&mut c, "bravo", &bravo.addr).await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
 
     let t = Instant::now();
@@ -127,7 +123,7 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
 
     // The same endpoint written again (with a newline, as from a file) changes nothing.
     put(&mut c, "charlie", &format!("{}\n", charlie.addr)).await;
-    assert_quiet(&nginx, &mut daemon, 2);
+    assert_quiet(nginx, daemon, 2);
 
     let t = Instant::now();
     c.delete(format!("{PREFIX}alpha"), None).await.unwrap();
@@ -147,8 +143,7 @@ async fn a_put_is_served_within_a_second_and_a_delete_leaves() {
         server_lines(&nginx.rendered()),
         in_render_order(vec![server(&bravo, ""), server(&charlie, "")])
     );
-    wait_for("the third reload", SHORT, || nginx.reloads() == 3);
-    assert_quiet(&nginx, &mut daemon, 3);
+    settles_at(nginx, daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -158,10 +153,8 @@ async fn a_leased_key_leaves_when_its_lease_expires() {
     let [alpha, bravo, charlie] = ["alpha", "bravo", "charlie"].map(Replica::start);
     put(&mut c, "alpha", &alpha.addr).await;
     put(&mut c, "charlie", &charlie.addr).await;
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
 
     // Granted and never kept alive, as when the replica's host dies.
     let granted = Instant::now();
@@ -198,7 +191,7 @@ async fn a_leased_key_leaves_when_its_lease_expires() {
         gone.saturating_sub(ttl).as_millis()
     );
     assert!(gone >= ttl, "removed before its TTL ran out: {gone:?}");
-    assert_quiet(&nginx, &mut daemon, 3);
+    assert_quiet(nginx, daemon, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -219,10 +212,8 @@ async fn hostile_values_never_reach_the_file() {
     for (key, value) in hostile {
         put(&mut c, key, value).await;
     }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
 
     let check_file = |nginx: &Nginx| {
         let text = nginx.rendered();
@@ -240,7 +231,7 @@ async fn hostile_values_never_reach_the_file() {
             String::from_utf8_lossy(&t.stderr)
         );
     };
-    check_file(&nginx);
+    check_file(nginx);
     nginx.wait_spread(10, "alpha alone to serve", exactly(&["alpha"]));
     let log = daemon.output.text();
     for (key, _) in hostile {
@@ -258,8 +249,8 @@ async fn hostile_values_never_reach_the_file() {
             .text()
             .contains(&format!("Skipped etcd key {PREFIX}h5"))
     });
-    assert_quiet(&nginx, &mut daemon, 1);
-    check_file(&nginx);
+    assert_quiet(nginx, daemon, 1);
+    check_file(nginx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -270,18 +261,16 @@ async fn an_etcd_outage_changes_nothing_and_a_put_after_it_is_served() {
     put(&mut c, "alpha", &alpha.addr).await;
     put(&mut c, "bravo", &bravo.addr).await;
     drop(c);
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
     nginx.wait_spread(20, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
     let bytes = std::fs::read(nginx.output()).unwrap();
 
     let killed = Instant::now();
     etcd.kill();
     let noticed = assert_outage_changes_nothing(
-        &nginx,
-        &mut daemon,
+        nginx,
+        daemon,
         &bytes,
         killed + Duration::from_secs(3),
         &["alpha", "bravo"],
@@ -308,8 +297,7 @@ async fn an_etcd_outage_changes_nothing_and_a_put_after_it_is_served() {
     );
     // Retry backoff is capped at 3s, plus a 1s request timeout that may be in flight.
     assert!(resync < Duration::from_secs(5), "{resync:?}");
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -320,17 +308,12 @@ async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
     for r in &replicas {
         put(&mut c, &r.name, &r.addr).await;
     }
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
 
     // SIGHUP restarts the source; it lists the same prefix again.
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for("the config reload", SHORT, || {
-        daemon.output.text().contains("Configuration reloaded.")
-    });
-    assert_quiet(&nginx, &mut daemon, 1);
+    daemon.reload_config();
+    assert_quiet(nginx, daemon, 1);
 
     // The restarted source still follows the prefix.
     c.delete(format!("{PREFIX}alpha"), None).await.unwrap();
@@ -339,8 +322,7 @@ async fn a_config_reload_over_an_unchanged_prefix_reloads_nothing() {
         "bravo and charlie to serve",
         exactly(&["bravo", "charlie"]),
     );
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -348,20 +330,12 @@ async fn an_empty_prefix_renders_the_placeholder_until_the_first_put() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     let alpha = Replica::start("alpha");
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let mut daemon = Daemon::start(&config(&nginx, &etcd));
-    first_apply(&nginx, &daemon);
-    assert_eq!(
-        server_lines(&nginx.rendered()),
-        ["server 127.0.0.1:1 down;"]
-    );
-    assert!(nginx.test_config().status.success());
-    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+    let mut run = Running::start("kotaemon", |n| config(n, &etcd));
+    let (nginx, daemon) = (&run.nginx, &mut run.daemon);
+    assert_placeholder(nginx);
 
     put(&mut c, "alpha", &alpha.addr).await;
     nginx.wait_spread(10, "alpha to serve", exactly(&["alpha"]));
     assert_eq!(server_lines(&nginx.rendered()), [server(&alpha, "")]);
-    wait_for("the second reload", SHORT, || nginx.reloads() == 2);
-    assert_quiet(&nginx, &mut daemon, 2);
+    settles_at(nginx, daemon, 2);
 }

@@ -12,36 +12,6 @@ use crate::util::*;
 
 const SHORT: Duration = Duration::from_secs(15);
 
-/// `/metrics`, or nothing while the admin server is not up yet.
-fn metrics_of(admin: &str) -> String {
-    http_get(admin, "/metrics", SHORT)
-        .map(|(_, body)| body)
-        .unwrap_or_default()
-}
-
-fn reloads(admin: &str, result: &str) -> f64 {
-    metric(
-        &metrics_of(admin),
-        &format!("upstreamd_reloads_total{{result=\"{result}\"}}"),
-    )
-}
-
-fn wait_reloads(admin: &str, result: &str, n: f64) {
-    wait_for(
-        &format!("upstreamd_reloads_total{{result=\"{result}\"}} = {n}"),
-        SHORT,
-        || reloads(admin, result) == n,
-    );
-}
-
-fn three() -> [Replica; 3] {
-    [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ]
-}
-
 #[test]
 fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_back() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
@@ -100,7 +70,7 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
                 .as_str()
                 .is_some_and(|e| e.contains(says))
         });
-        assert!(reloads(&admin, "signal_failed") >= 2.0 + n as f64);
+        assert!(reloads_counted(&admin, "signal_failed") >= 2.0 + n as f64);
         // The log line is written before /status changes, but reaches us through a pipe
         // and a reader thread: wait for it rather than race it.
         wait_for(&format!("{what}: the failure is logged"), SHORT, || {
@@ -120,7 +90,7 @@ fn a_pid_file_that_names_no_nginx_master_is_never_signalled_and_the_file_rolls_b
     assert!(nginx
         .rendered()
         .contains(&format!("server {};", replicas[1].addr)));
-    assert!(reloads(&admin, "signal_failed") >= 4.0);
+    assert!(reloads_counted(&admin, "signal_failed") >= 4.0);
 }
 
 /// The built-in template plus an invalid directive whenever exactly one server is down.
@@ -140,29 +110,61 @@ fn template_invalid_with_one_down(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// Three replicas behind nginx, and upstreamd on a static list of them rendered through
+/// [`template_invalid_with_one_down`], past its first good reload.
+struct OneDownInvalid {
+    daemon: Daemon,
+    nginx: Nginx,
+    replicas: [Replica; 3],
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OneDownInvalid {
+    /// Starts it with the config as `configure` changes it.
+    fn start(configure: impl FnOnce(Config) -> Config) -> Self {
+        let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
+        let nginx = Nginx::start("kotaemon");
+        let dir = tempfile::tempdir().unwrap();
+        let template = template_invalid_with_one_down(dir.path());
+        let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
+            .nginx_path("template", &template)
+            .admin_port0();
+        let daemon = Daemon::start(&configure(cfg).to_toml());
+        let admin = daemon.admin();
+        {
+            let _report = report_on_failure(&nginx);
+            wait_reloads(&admin, "ok", 1.0);
+        }
+        OneDownInvalid {
+            replicas,
+            nginx,
+            daemon,
+            admin,
+            _dir: dir,
+        }
+    }
+}
+
 #[test]
 fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succeeds() {
-    let replicas = three();
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let dir = tempfile::tempdir().unwrap();
-    let template = template_invalid_with_one_down(dir.path());
-    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
-        .nginx_path("template", &template)
-        .admin_port0()
-        .to_toml();
-    let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_reloads(&admin, "ok", 1.0);
+    let OneDownInvalid {
+        replicas,
+        nginx,
+        daemon,
+        admin,
+        ..
+    } = &OneDownInvalid::start(|cfg| cfg);
+    let _report = report_on_failure(nginx);
     let good = nginx.rendered();
     assert!(!good.contains("no_such_directive"));
 
     // One down: the template renders a directive nginx does not know.
     replicas[1].set_mode("error");
-    wait_reloads(&admin, "test_failed", 1.0);
+    wait_reloads(admin, "test_failed", 1.0);
     assert_eq!(nginx.rendered(), good, "rolled back to the last good bytes");
     assert_eq!(nginx.reloads(), 1, "nothing signalled with a rejected file");
-    let st = admin_status(&admin);
+    let st = admin_status(admin);
     assert_eq!(st["last_apply"]["result"], "test_failed");
     let error = st["last_apply"]["error"].as_str().unwrap();
     assert!(
@@ -174,48 +176,44 @@ fn a_file_that_fails_nginx_t_is_rolled_back_unsignalled_and_the_next_change_succ
     // The rejected text is retried with backoff (the site may be fixed meanwhile), and a
     // failed test signals nothing: no reload storm.
     wait_for("a retry of the rejected text", SHORT, || {
-        reloads(&admin, "test_failed") >= 2.0
+        reloads_counted(admin, "test_failed") >= 2.0
     });
     assert_eq!(nginx.reloads(), 1);
     assert_eq!(nginx.rendered(), good);
 
     // Two down: valid again, applied.
     replicas[2].set_mode("error");
-    wait_reloads(&admin, "ok", 2.0);
+    wait_reloads(admin, "ok", 2.0);
     assert_eq!(nginx.reloads(), 2);
     let text = nginx.rendered();
     for r in &replicas[1..] {
         assert!(text.contains(&format!("server {} down;", r.addr)), "{text}");
     }
-    assert_eq!(admin_status(&admin)["last_apply"]["result"], "ok");
+    assert_eq!(admin_status(admin)["last_apply"]["result"], "ok");
 }
 
 #[test]
 fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
-    let replicas = three();
-    let nginx = Nginx::start("kotaemon");
-    let _report = report_on_failure(&nginx);
-    let dir = tempfile::tempdir().unwrap();
-    let template = template_invalid_with_one_down(dir.path());
     // No test command: the bad file reaches nginx, which refuses it on SIGHUP.
-    let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())
-        .nginx_path("template", &template)
-        .nginx("confirm_timeout", "1s")
-        .nginx("test_command", Vec::<String>::new())
-        .admin_port0()
-        .to_toml();
-    let daemon = Daemon::start(&cfg);
-    let admin = daemon.admin();
-    wait_reloads(&admin, "ok", 1.0);
+    let OneDownInvalid {
+        replicas,
+        nginx,
+        admin,
+        ..
+    } = &OneDownInvalid::start(|cfg| {
+        cfg.nginx("confirm_timeout", "1s")
+            .nginx("test_command", Vec::<String>::new())
+    });
+    let _report = report_on_failure(nginx);
     let good = nginx.rendered();
 
     replicas[1].set_mode("error");
-    wait_reloads(&admin, "unconfirmed", 1.0);
+    wait_reloads(admin, "unconfirmed", 1.0);
     assert_eq!(nginx.rendered(), good, "rolled back to the last good bytes");
-    assert_eq!(reloads(&admin, "ok"), 1.0);
+    assert_eq!(reloads_counted(admin, "ok"), 1.0);
     assert!(nginx.reloads() >= 2, "the SIGHUP nginx refused");
     assert!(nginx.error_log().contains("no_such_directive"));
-    let st = admin_status(&admin);
+    let st = admin_status(admin);
     assert_eq!(st["last_apply"]["result"], "unconfirmed");
     assert!(st["last_apply"]["error"]
         .as_str()
@@ -225,11 +223,11 @@ fn a_reload_nginx_refuses_is_unconfirmed_and_rolled_back() {
     assert!(matches!(nginx.get("/"), Some((200, _))));
 
     replicas[2].set_mode("error");
-    wait_reloads(&admin, "ok", 2.0);
+    wait_reloads(admin, "ok", 2.0);
     assert!(nginx
         .rendered()
         .contains(&format!("server {} down;", replicas[2].addr)));
-    assert!(reloads(&admin, "unconfirmed") >= 1.0);
+    assert!(reloads_counted(admin, "unconfirmed") >= 1.0);
 }
 
 #[test]
@@ -263,7 +261,7 @@ fn a_write_that_fails_keeps_nginx_and_the_daemon_and_recovers() {
     std::fs::remove_file(&blocker).unwrap();
     std::fs::create_dir(&blocker).unwrap();
     wait_for("the retry to succeed", SHORT, || {
-        reloads(&admin, "ok") >= 1.0
+        reloads_counted(&admin, "ok") >= 1.0
     });
     let text = std::fs::read_to_string(&output).unwrap();
     for r in &replicas {

@@ -1,129 +1,48 @@
 //! Kotaemon behind nginx: the shipped server block passes `nginx -t`, and streamed chats
 //! complete through nginx with `balance = "sticky"` (and break with round robin).
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::util::*;
 
-/// A private nginx running the shipped `examples/nginx/kotaemon-site.conf`.
-struct SiteNginx {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
+/// The shipped `examples/nginx/kotaemon-site.conf`, listening on `port`.
+fn shipped_site(port: u16) -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/nginx/kotaemon-site.conf"
+    ))
+    .unwrap()
+    .replace(
+        "listen 127.0.0.1:8080;",
+        &format!("listen 127.0.0.1:{port};"),
+    )
 }
 
-impl SiteNginx {
-    fn prepare() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for d in ["conf", "logs", "tmp"] {
-            std::fs::create_dir_all(dir.path().join(d)).unwrap();
-        }
-        let port = free_port();
-        let site = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/nginx/kotaemon-site.conf"
-        ))
-        .unwrap()
-        .replace(
-            "listen 127.0.0.1:8080;",
-            &format!("listen 127.0.0.1:{port};"),
-        );
-        std::fs::write(dir.path().join("conf/kotaemon-site.conf"), site).unwrap();
-        let user = if nix::unistd::geteuid().is_root() {
-            "user root;"
-        } else {
-            ""
-        };
-        std::fs::write(
-            dir.path().join("conf/nginx.conf"),
-            format!(
-                "{user}\nworker_processes 1;\npid logs/nginx.pid;\nerror_log logs/error.log notice;\nevents {{}}\n\
-                 http {{\n  access_log off;\n  client_body_temp_path tmp/client;\n  proxy_temp_path tmp/proxy;\n  \
-                 fastcgi_temp_path tmp/fastcgi;\n  uwsgi_temp_path tmp/uwsgi;\n  scgi_temp_path tmp/scgi;\n  \
-                 include upstreams.conf;\n  include kotaemon-site.conf;\n}}\n"
-            ),
-        )
-        .unwrap();
-        Self {
-            dir,
-            port,
-            child: None,
-        }
+/// The upstream `upstreamd once --dry-run` renders for these replicas and this balance.
+fn render(replicas: &[&Replica], balance: &str) -> String {
+    let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
+    // --dry-run writes nothing: the paths only need to be valid.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[nginx]\noutput = \"{d}/upstreams.conf\"\npid_file = \"{d}/nginx.pid\"\ntest_command = []\n\
+         [[upstream]]\nname = \"kotaemon\"\nbalance = \"{balance}\"\naffinity_cookie = \"kh_affinity\"\n\
+         [upstream.health]\npath = \"/queue/status\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
+         [[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
+        servers.join(", "),
+        d = d.path().display()
+    );
+    let (_dir, path) = write_config(&cfg);
+    let (code, stdout, stderr) =
+        upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut text = stdout;
+    if balance != "sticky" {
+        // The site routes on and sets the affinity variables; without sticky they must
+        // still exist.
+        text.push_str("map $uri $kotaemon_affinity_route { default kotaemon; }\n");
+        text.push_str("map $uri $kotaemon_affinity_cookie { default \"\"; }\n");
     }
-
-    fn conf(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
-    /// Renders the upstream with `upstreamd once` for these replicas and this balance.
-    fn render(&self, replicas: &[&Replica], balance: &str) {
-        let servers: Vec<String> = replicas.iter().map(|r| format!("\"{}\"", r.addr)).collect();
-        let cfg = format!(
-            "[nginx]\noutput = \"{d}/conf/upstreams.conf\"\npid_file = \"{d}/logs/nginx.pid\"\ntest_command = []\n\
-             [[upstream]]\nname = \"kotaemon\"\nbalance = \"{balance}\"\naffinity_cookie = \"kh_affinity\"\n\
-             [upstream.health]\npath = \"/queue/status\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
-             [[upstream.source]]\nkind = \"static\"\nservers = [{}]\n",
-            servers.join(", "),
-            d = self.conf()
-        );
-        let (_dir, path) = write_config(&cfg);
-        let (code, stdout, stderr) =
-            upstreamd(&["once", "--config", path.to_str().unwrap(), "--dry-run"]);
-        assert_eq!(code, 0, "{stderr}");
-        let mut text = stdout;
-        if balance != "sticky" {
-            // The site routes on and sets the affinity variables; without sticky they must
-            // still exist.
-            text.push_str("map $uri $kotaemon_affinity_route { default kotaemon; }\n");
-            text.push_str("map $uri $kotaemon_affinity_cookie { default \"\"; }\n");
-        }
-        std::fs::write(self.dir.path().join("conf/upstreams.conf"), text).unwrap();
-    }
-
-    fn test(&self) -> std::process::Output {
-        Command::new("nginx")
-            .args(["-p", &self.conf(), "-c", "conf/nginx.conf", "-t"])
-            .output()
-            .unwrap()
-    }
-
-    fn start(&mut self) {
-        self.child = Some(
-            Command::new("nginx")
-                .args([
-                    "-p",
-                    &self.conf(),
-                    "-c",
-                    "conf/nginx.conf",
-                    "-g",
-                    "daemon off;",
-                ])
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let port = self.port;
-        wait_for("nginx to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
-}
-
-impl Drop for SiteNginx {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            // SIGQUIT lets the master take its workers down with it.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::SIGQUIT,
-            );
-            // Gone within the wait or not, it is killed and reaped next.
-            let _ = wait_exit(c, Duration::from_secs(2));
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    text
 }
 
 /// One chat the way a browser does it: load the page (gets the affinity cookie), join the
@@ -199,15 +118,13 @@ async fn sticky_chats_complete_through_the_shipped_server_block_and_round_robin_
         ),
     ];
     let refs: Vec<&Replica> = replicas.iter().collect();
-    let mut site = SiteNginx::prepare();
-    site.render(&refs, "sticky");
-    let t = site.test();
+    let site = Nginx::start_site(&render(&refs, "sticky"), &shipped_site);
+    let t = site.test_config();
     assert!(
         t.status.success(),
         "nginx -t on the shipped server block: {}",
         String::from_utf8_lossy(&t.stderr)
     );
-    site.start();
     let base = format!("http://127.0.0.1:{}", site.port);
 
     let sticky = chats(&base, 10).await;
@@ -227,17 +144,13 @@ async fn sticky_chats_complete_through_the_shipped_server_block_and_round_robin_
     );
 
     // The same site with round robin: join and stream land on different replicas.
-    site.render(&refs, "round_robin");
-    assert!(site.test().status.success());
-    let pid: i32 = std::fs::read_to_string(site.dir.path().join("logs/nginx.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let old_workers = children(pid as u32);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGHUP).unwrap();
+    std::fs::write(site.output(), render(&refs, "round_robin")).unwrap();
+    assert!(site.test_config().status.success());
+    let pid = site.master();
+    let old_workers = children(pid.as_raw() as u32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGHUP).unwrap();
     wait_for("the new workers alone", Duration::from_secs(5), || {
-        let now = children(pid as u32);
+        let now = children(pid.as_raw() as u32);
         !now.is_empty() && now.iter().all(|w| !old_workers.contains(w))
     });
     let rr = chats(&base, 10).await;

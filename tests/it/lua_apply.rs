@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::util::lua::update_status;
 use crate::util::*;
 use nix::sys::signal::Signal;
 
@@ -53,19 +54,23 @@ fn setup(nginx: &Nginx) -> Setup {
     }
 }
 
+/// upstreamd in lua mode over `replicas` on `nginx`, once the shell has loaded and a
+/// generation is confirmed: the setup, the daemon and its admin address.
+fn start_daemon(nginx: &Nginx, replicas: &[&Replica]) -> (Setup, Daemon, String) {
+    let s = setup(nginx);
+    let daemon = Daemon::start(&config(nginx, replicas, &s));
+    let admin = daemon.admin();
+    wait_for("the shell to load", SHORT, || nginx.reloads() == 1);
+    wait_for("a confirmed generation", SHORT, || {
+        confirmed(&admin).is_some()
+    });
+    (s, daemon, admin)
+}
+
 /// nginx's own `/upstreamd/status`, with the secret on disk: (status code, JSON or text).
 fn nginx_status(s: &Setup) -> (u16, serde_json::Value) {
     let secret = std::fs::read_to_string(s.lua_dir.join("lua.secret")).unwrap();
-    let auth = format!("Authorization: Bearer {}", secret.trim());
-    let (code, _, text) = http_exchange(
-        &format!("127.0.0.1:{}", s.lua_port),
-        "GET",
-        "/upstreamd/status",
-        &[&auth],
-        "",
-        Duration::from_secs(5),
-    )
-    .expect("the status location answers");
+    let (code, text) = update_status(&format!("127.0.0.1:{}", s.lua_port), secret.trim());
     let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     (code, value)
 }
@@ -99,14 +104,7 @@ fn membership_changes_reach_traffic_with_zero_reloads_and_a_restarted_nginx_gets
     );
     let mut nginx = lua_nginx();
     let report = report_on_failure(&nginx);
-    let s = setup(&nginx);
-    let daemon = Daemon::start(&config(&nginx, &[&alpha, &bravo], &s));
-    let admin = daemon.admin();
-
-    wait_for("the shell to load", SHORT, || nginx.reloads() == 1);
-    wait_for("a confirmed generation", SHORT, || {
-        confirmed(&admin).is_some()
-    });
+    let (s, daemon, admin) = start_daemon(&nginx, &[&alpha, &bravo]);
     assert!(nginx.rendered().contains("balancer_by_lua_block"));
     assert!(
         !nginx.rendered().contains(&alpha.addr),
@@ -181,13 +179,7 @@ fn a_secret_changed_behind_nginx_is_refused_until_the_fallback_reload() {
     let (alpha, bravo) = (Replica::start("alpha"), Replica::start("bravo"));
     let nginx = lua_nginx();
     let _report = report_on_failure(&nginx);
-    let s = setup(&nginx);
-    let daemon = Daemon::start(&config(&nginx, &[&alpha, &bravo], &s));
-    let admin = daemon.admin();
-    wait_for("the shell to load", SHORT, || nginx.reloads() == 1);
-    wait_for("a confirmed generation", SHORT, || {
-        confirmed(&admin).is_some()
-    });
+    let (s, daemon, admin) = start_daemon(&nginx, &[&alpha, &bravo]);
     nginx.wait_spread(30, "alpha and bravo to serve", exactly(&["alpha", "bravo"]));
 
     // nginx keeps the secret it read at its last load.

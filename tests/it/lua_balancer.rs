@@ -10,6 +10,14 @@ use crate::util::lua::*;
 use crate::util::*;
 use serde_json::{json, Value};
 
+/// Replicas `a` and `b` behind one worker, `a` pushed as generation 1.
+fn serving_a() -> Lua {
+    let lua = round_robin(&["a", "b"], 1);
+    let (code, reply) = lua.push(&body(1, "app", "round_robin", servers(&[lua.addr("a")])));
+    assert_eq!(code, 200, "{reply}");
+    lua
+}
+
 #[test]
 fn pushes_move_traffic_between_workers_without_a_reload() {
     let lua = round_robin(&["a", "b", "c"], 2);
@@ -55,13 +63,8 @@ fn pushes_move_traffic_between_workers_without_a_reload() {
 
 #[test]
 fn a_wrong_or_missing_secret_changes_nothing() {
-    let lua = round_robin(&["a", "b"], 1);
+    let lua = serving_a();
     let _report = report_on_failure(&lua.nginx);
-    assert_eq!(
-        lua.push(&body(1, "app", "round_robin", servers(&[lua.addr("a")])))
-            .0,
-        200
-    );
     let other = body(2, "app", "round_robin", servers(&[lua.addr("b")])).to_string();
     for auth in [
         None,
@@ -108,13 +111,8 @@ fn stale_and_equal_generations_are_refused() {
 
 #[test]
 fn hostile_values_are_refused_as_data_and_change_nothing() {
-    let lua = round_robin(&["a", "b"], 1);
+    let lua = serving_a();
     let _report = report_on_failure(&lua.nginx);
-    assert_eq!(
-        lua.push(&body(1, "app", "round_robin", servers(&[lua.addr("a")])))
-            .0,
-        200
-    );
     let b = lua.addr("b").to_owned();
     let server = |field: &str, value: Value| {
         let mut s = json!({"address": b, "weight": 1});

@@ -12,24 +12,6 @@ use nix::sys::signal::{kill, Signal};
 
 const SHORT: Duration = Duration::from_secs(15);
 
-fn reloads(admin: &str, result: &str) -> f64 {
-    let text = http_get(admin, "/metrics", SHORT)
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    metric(
-        &text,
-        &format!("upstreamd_reloads_total{{result=\"{result}\"}}"),
-    )
-}
-
-fn wait_reloads_at_least(admin: &str, result: &str, n: f64) {
-    wait_for(
-        &format!("upstreamd_reloads_total{{result=\"{result}\"}} >= {n}"),
-        SHORT,
-        || reloads(admin, result) >= n,
-    );
-}
-
 #[test]
 fn a_file_rejected_for_a_broken_site_is_applied_once_the_site_is_fixed_with_no_other_change() {
     let replicas = [Replica::start("alpha"), Replica::start("bravo")];
@@ -142,11 +124,7 @@ fn an_unconfirmed_reload_is_retried_once_the_stopped_nginx_master_continues() {
 
 #[test]
 fn a_template_error_at_run_time_keeps_the_daemon_and_the_last_good_file() {
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     // An undefined field read only while exactly one server is down: `check` cannot see it.
@@ -211,10 +189,7 @@ fn replicas_failing_100ms_apart_cost_at_most_two_reloads_and_skip_settle() {
 
     // settle of an hour: only a change that skips settle can reach nginx in this test.
     std::fs::write(&daemon.config, cfg.nginx("settle", "1h").to_toml()).unwrap();
-    daemon.signal(Signal::SIGHUP);
-    wait_for("the config reload", SHORT, || {
-        daemon.output.text().contains("Configuration reloaded.")
-    });
+    daemon.reload_config();
 
     // Three failures 100 ms apart: the first goes at once, the others together one
     // min_reload_interval later.

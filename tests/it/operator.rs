@@ -229,29 +229,26 @@ fn check_reports_paths_run_would_fail_on() {
     let d = dir.path().display();
     let body = "[[upstream]]\nname = \"k\"\n[[upstream.source]]\nkind = \"static\"\nservers = [\"127.0.0.1:1\"]\n";
     let cfg = |nginx: &str| format!("[nginx]\n{nginx}\n\n{body}");
+    // `check` refuses the config (exit 2) and says `why`.
+    let refuses = |nginx: &str, why: &str| {
+        let (code, _, stderr) = check(&cfg(nginx));
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    };
 
-    let (code, _, stderr) = check(&cfg(&format!(
-        "output = \"{d}/missing/u.conf\"\npid_file = \"{d}/nginx.pid\"\ntest_command = []"
-    )));
-    assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "nginx.output: the directory `{d}/missing` does not exist"
-        )),
-        "{stderr}"
+    refuses(
+        &format!(
+            "output = \"{d}/missing/u.conf\"\npid_file = \"{d}/nginx.pid\"\ntest_command = []"
+        ),
+        &format!("nginx.output: the directory `{d}/missing` does not exist"),
     );
-
-    let (code, _, stderr) = check(&cfg(&format!(
-        "output = \"{d}\"\npid_file = \"{d}/nginx.pid\"\ntest_command = []"
-    )));
-    assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("is a directory"), "{stderr}");
-
-    let (code, _, stderr) = check(&cfg("output = \"u.conf\"\ntest_command = []"));
-    assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("nginx.output: \"u.conf\" is a relative path"),
-        "{stderr}"
+    refuses(
+        &format!("output = \"{d}\"\npid_file = \"{d}/nginx.pid\"\ntest_command = []"),
+        "is a directory",
+    );
+    refuses(
+        "output = \"u.conf\"\ntest_command = []",
+        "nginx.output: \"u.conf\" is a relative path",
     );
 
     let (code, stdout, stderr) = check(&cfg(&format!(
@@ -307,7 +304,7 @@ fn the_cli_defaults_its_config_and_documents_exit_codes_signals_and_rust_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_forged_consul_service_id_reaches_the_text_log_as_one_escaped_line() {
-    use crate::util::consul::{instance, Lane, Registry, SERVICE};
+    use crate::util::consul::{instance, replica_instance, Lane, Registry, SERVICE};
     let Some(reg) = Registry::start(Lane::Standin, None).await else {
         return;
     };
@@ -318,14 +315,8 @@ async fn a_forged_consul_service_id_reaches_the_text_log_as_one_escaped_line() {
     let bad_meta = serde_json::json!({"weight": "heavy"});
     reg.register(instance(forged, host, replica.port(), &[], bad_meta))
         .await;
-    reg.register(instance(
-        "alpha",
-        host,
-        replica.port(),
-        &[],
-        serde_json::json!({}),
-    ))
-    .await;
+    reg.register(replica_instance("alpha", &replica, serde_json::json!({})))
+        .await;
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     let cfg = Config::new(&nginx)

@@ -18,11 +18,7 @@ fn server_line(r: &Replica, down: bool) -> String {
 
 #[test]
 fn serves_only_healthy_replicas_and_reloads_once_per_change() {
-    let replicas = [
-        Replica::start("alpha"),
-        Replica::start("bravo"),
-        Replica::start("charlie"),
-    ];
+    let replicas = ["alpha", "bravo", "charlie"].map(Replica::start);
     let nginx = Nginx::start("kotaemon");
     let _report = report_on_failure(&nginx);
     let cfg = Config::static_list(&nginx, "kotaemon", &replicas.iter().collect::<Vec<_>>())

@@ -17,15 +17,7 @@ const SHORT: Duration = Duration::from_secs(15);
 /// A config for upstream `kotaemon` fed by the stand-in's service `kotaemon`, with an admin
 /// server on port 0; probes on `/queue/status` when `probe`, off otherwise.
 fn consul_config(nginx: &Nginx, consul: &Registry, probe: bool) -> Config {
-    let upstream = Upstream::new("kotaemon");
-    let upstream = if probe {
-        upstream.probe("/queue/status")
-    } else {
-        upstream
-    };
-    Config::new(nginx)
-        .admin_port0()
-        .upstream(upstream.consul(&consul.url, "kotaemon", "5s"))
+    consul.config(nginx, probe, "5s")
 }
 
 /// Registers instance `id` of service `kotaemon` at `addr` (`host:port`), passing.

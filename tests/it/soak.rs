@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::consul::{instance, Lane, Registry, SERVICE};
+use crate::util::consul::{replica_instance, Lane, Registry, SERVICE};
 use crate::util::*;
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -46,11 +46,7 @@ async fn rss_and_open_fds_stay_flat_through_thousands_of_membership_changes() {
         .unwrap_or(180);
     let reg = Registry::start(Lane::Standin, None).await.unwrap();
     let replicas: Vec<Replica> = (0..4).map(|i| Replica::start(&format!("r{i}"))).collect();
-    let registration = |i: usize| {
-        let r = &replicas[i];
-        let (host, _) = r.addr.rsplit_once(':').unwrap();
-        instance(&format!("r{i}"), host, r.port(), &[], json!({}))
-    };
+    let registration = |i: usize| replica_instance(&format!("r{i}"), &replicas[i], json!({}));
     for i in 0..3 {
         reg.register(registration(i)).await;
     }

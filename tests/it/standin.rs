@@ -203,6 +203,24 @@ async fn join(standin: &Standin, session_hash: &str) -> String {
         .to_owned()
 }
 
+/// Opens `session`'s data stream (`/queue/data`) on `standin`.
+async fn data_stream(standin: &Standin, session: &str) -> reqwest::Response {
+    client()
+        .get(standin.url(&format!("/queue/data?session_hash={session}")))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Asserts that `response` is a 200 server-sent-event stream, as Gradio's.
+fn assert_event_stream(response: &reqwest::Response) {
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(response, "content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+}
+
 async fn queue_status(standin: &Standin) -> reqwest::Response {
     client()
         .get(standin.url("/queue/status"))
@@ -262,16 +280,8 @@ async fn a_chat_streams_tokens_then_completes_and_closes() {
         "the joined chat is in progress"
     );
 
-    let response = client()
-        .get(standin.url("/queue/data?session_hash=tab-1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "content-type"),
-        Some("text/event-stream; charset=utf-8")
-    );
+    let response = data_stream(&standin, "tab-1").await;
+    assert_event_stream(&response);
     assert_eq!(header(&response, "x-accel-buffering"), None);
     let (body, end) = read_body(response, Duration::from_secs(5)).await;
     assert_eq!(
@@ -307,16 +317,8 @@ async fn a_chat_streams_tokens_then_completes_and_closes() {
 #[tokio::test]
 async fn unknown_session_gets_unexpected_error_then_an_aborted_body() {
     let standin = Standin::ready("replica-a", &[]).await;
-    let response = client()
-        .get(standin.url("/queue/data?session_hash=never-joined"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "content-type"),
-        Some("text/event-stream; charset=utf-8")
-    );
+    let response = data_stream(&standin, "never-joined").await;
+    assert_event_stream(&response);
     let (body, end) = read_body(response, Duration::from_secs(5)).await;
     assert_eq!(
         body,
@@ -335,11 +337,7 @@ async fn sessions_live_only_on_the_replica_that_took_the_join() {
         Standin::ready("replica-b", &[]),
     );
     join(&a, "tab-1").await;
-    let response = client()
-        .get(b.url("/queue/data?session_hash=tab-1"))
-        .send()
-        .await
-        .unwrap();
+    let response = data_stream(&b, "tab-1").await;
     let (body, end) = read_body(response, Duration::from_secs(5)).await;
     assert!(body.contains("Session not found"), "body: {body}");
     assert!(end.is_err());
@@ -353,10 +351,7 @@ async fn heartbeat_sends_alive_every_interval_and_never_ends() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        header(&response, "content-type"),
-        Some("text/event-stream; charset=utf-8")
-    );
+    assert_event_stream(&response);
     let started = Instant::now();
     let mut text = String::new();
     while text.matches("data: ALIVE\n\n").count() < 3 {
@@ -568,11 +563,7 @@ async fn an_idle_data_stream_gets_heartbeat_messages() {
     )
     .await;
     join(&standin, "tab-1").await;
-    let response = client()
-        .get(standin.url("/queue/data?session_hash=tab-1"))
-        .send()
-        .await
-        .unwrap();
+    let response = data_stream(&standin, "tab-1").await;
     let (body, end) = read_body(response, Duration::from_secs(5)).await;
     assert_eq!(end, Ok(()));
     let kinds: Vec<String> = events(&body)
@@ -588,11 +579,7 @@ async fn an_idle_data_stream_gets_heartbeat_messages() {
 async fn abandoning_a_data_stream_stops_its_chat() {
     let standin = Standin::ready("replica-a", &["--tokens", "200", "--token-delay", "20ms"]).await;
     join(&standin, "tab-1").await;
-    let mut response = client()
-        .get(standin.url("/queue/data?session_hash=tab-1"))
-        .send()
-        .await
-        .unwrap();
+    let mut response = data_stream(&standin, "tab-1").await;
     let first = response.chunk().await.unwrap().expect("a first event");
     assert!(first.starts_with(b"data: {\"msg\":\"estimation\""));
     assert_eq!(queue_size(&standin).await, 1);
@@ -602,11 +589,7 @@ async fn abandoning_a_data_stream_stops_its_chat() {
     })
     .await;
     // The session went with the stream, as Gradio cleans it on disconnect.
-    let again = client()
-        .get(standin.url("/queue/data?session_hash=tab-1"))
-        .send()
-        .await
-        .unwrap();
+    let again = data_stream(&standin, "tab-1").await;
     let (body, _) = read_body(again, Duration::from_secs(5)).await;
     assert!(body.contains("Session not found"), "body: {body}");
 }

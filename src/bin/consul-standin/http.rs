@@ -163,15 +163,17 @@ fn flag(pairs: &[(String, String)], key: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// The required `enable` of a maintenance call, as Consul reads it.
-fn maintenance_enable(pairs: &[(String, String)]) -> Result<bool, ApiError> {
-    if param(pairs, "enable").is_none() {
+/// A maintenance call's query: its required `enable`, as Consul reads it, and its `reason`.
+fn maintenance_args(query: Option<&str>) -> Result<(bool, Option<String>), ApiError> {
+    let pairs = query_pairs(query);
+    if param(&pairs, "enable").is_none() {
         return Err(ApiError {
             status: 400,
             message: "Missing value for enable".into(),
         });
     }
-    flag(pairs, "enable")
+    let enable = flag(&pairs, "enable")?;
+    Ok((enable, param(&pairs, "reason").map(str::to_owned)))
 }
 
 /// A Go duration (`"5s"`, `"100ms"`, `"1m30s"`, `"1.5s"`).
@@ -322,26 +324,22 @@ async fn service_maintenance(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let pairs = query_pairs(q.as_deref());
-    let enable = match maintenance_enable(&pairs) {
-        Ok(e) => e,
+    let (enable, reason) = match maintenance_args(q.as_deref()) {
+        Ok(args) => args,
         Err(e) => return api_error(e),
     };
-    let reason = param(&pairs, "reason");
     change(&s, format!("service {id:?} maintenance {enable}"), |c| {
-        c.service_maintenance(&id, enable, reason)
+        c.service_maintenance(&id, enable, reason.as_deref())
     })
 }
 
 async fn node_maintenance(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
-    let pairs = query_pairs(q.as_deref());
-    let enable = match maintenance_enable(&pairs) {
-        Ok(e) => e,
+    let (enable, reason) = match maintenance_args(q.as_deref()) {
+        Ok(args) => args,
         Err(e) => return api_error(e),
     };
-    let reason = param(&pairs, "reason");
     change(&s, format!("node maintenance {enable}"), |c| {
-        c.node_maintenance(enable, reason);
+        c.node_maintenance(enable, reason.as_deref());
         Ok(())
     })
 }

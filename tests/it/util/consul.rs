@@ -9,10 +9,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::free_port;
+use super::{free_port, Config, Nginx, Replica, Upstream};
 
 /// The service name every test registers under.
 pub const SERVICE: &str = "kotaemon";
+
+/// Runs each named `async fn(Lane)` of the calling module (which imports [`Lane`]) as two
+/// tests, `NAME::standin` and `NAME::real_consul`, under the test attribute given first.
+macro_rules! on_every_lane {
+    (#[$test:meta] $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[$test]
+            async fn standin() {
+                super::$name(super::Lane::Standin).await
+            }
+            #[$test]
+            async fn real_consul() {
+                super::$name(super::Lane::RealConsul).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_every_lane;
 
 /// Which registry a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +125,21 @@ fn spawn_standin(listen: &str, token: Option<&str>, node_address: &str) -> (Chil
 }
 
 impl Registry {
+    /// A config for upstream `kotaemon` fed by service [`SERVICE`] with blocking queries of
+    /// `wait`, and the admin server on port 0; probes on `/queue/status` when `probes`, off
+    /// otherwise (Consul alone decides).
+    pub fn config(&self, nginx: &Nginx, probes: bool, wait: &str) -> Config {
+        let upstream = Upstream::new("kotaemon");
+        let upstream = if probes {
+            upstream.probe("/queue/status")
+        } else {
+            upstream
+        };
+        Config::new(nginx)
+            .admin_port0()
+            .upstream(upstream.consul(&self.url, SERVICE, wait))
+    }
+
     /// Starts the registry for `lane`; `None` (after saying so) when the lane is unavailable.
     pub async fn start(lane: Lane, token: Option<&str>) -> Option<Self> {
         Self::start_with(lane, token, "127.0.0.1").await
@@ -372,6 +405,27 @@ impl Registry {
     pub async fn health_requests(&self) -> u64 {
         self.stats().await["health_requests"].as_u64().unwrap()
     }
+
+    /// The health requests served so far where they are counted (the stand-in), else 0: the
+    /// start of a count that [`Registry::assert_served_as_sent`] ends.
+    pub async fn health_requests_counted(&self) -> u64 {
+        match self.lane {
+            Lane::Standin => self.health_requests().await,
+            Lane::RealConsul => 0,
+        }
+    }
+
+    /// Where requests are counted (the stand-in), asserts that it served `sent` (give or take
+    /// one in flight) since it had served `before`; `who` names the client that logged them.
+    pub async fn assert_served_as_sent(&self, before: u64, sent: usize, who: &str) {
+        if self.lane == Lane::Standin {
+            let at_server = self.health_requests().await - before;
+            assert!(
+                at_server.abs_diff(sent as u64) <= 1,
+                "the stand-in saw {at_server}, {who} logged {sent}"
+            );
+        }
+    }
 }
 
 impl Drop for Registry {
@@ -383,4 +437,10 @@ impl Drop for Registry {
 /// An agent registration body for service [`SERVICE`].
 pub fn instance(id: &str, address: &str, port: u16, tags: &[&str], meta: Value) -> Value {
     json!({"Name": SERVICE, "ID": id, "Address": address, "Port": port, "Tags": tags, "Meta": meta})
+}
+
+/// A registration of `replica` as instance `id`, at the replica's own address, with `meta`.
+pub fn replica_instance(id: &str, replica: &Replica, meta: Value) -> Value {
+    let (host, _) = replica.addr.rsplit_once(':').unwrap();
+    instance(id, host, replica.port(), &[], meta)
 }

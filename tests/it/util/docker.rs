@@ -19,18 +19,25 @@ pub fn repo() -> PathBuf {
 /// Whether the Docker engine answers. Without one, prints why the test is skipped, or panics
 /// when `UPSTREAMD_REQUIRE_DOCKER=1`.
 pub fn engine_available(test: &str) -> bool {
-    let up = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !up {
+    available(
+        test,
+        Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]),
+        "no Docker engine answers",
+        "CI's host stage runs it",
+    )
+}
+
+/// Whether `probe` runs and succeeds. When not, prints `skipped: TEST: MISSING (WHERE)`, or
+/// panics when `UPSTREAMD_REQUIRE_DOCKER=1`.
+fn available(test: &str, probe: &mut Command, missing: &str, where_: &str) -> bool {
+    let ok = probe.output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
         if std::env::var("UPSTREAMD_REQUIRE_DOCKER").as_deref() == Ok("1") {
-            panic!("{test}: no Docker engine answers, and UPSTREAMD_REQUIRE_DOCKER=1");
+            panic!("{test}: {missing}, and UPSTREAMD_REQUIRE_DOCKER=1");
         }
-        println!("skipped: {test}: no Docker engine answers (CI's host stage runs it)");
+        println!("skipped: {test}: {missing} ({where_})");
     }
-    up
+    ok
 }
 
 /// Runs `cmd`, panicking with its output if it cannot start.
@@ -108,20 +115,12 @@ pub fn image_from(name: &str, dockerfile: &Path) -> String {
 /// Whether `docker-compose` (v1) runs; like [`engine_available`], prints why the test is
 /// skipped, or panics when `UPSTREAMD_REQUIRE_DOCKER=1`.
 pub fn compose_available(test: &str) -> bool {
-    let ok = Command::new("docker-compose")
-        .arg("version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("UPSTREAMD_REQUIRE_DOCKER").as_deref() == Ok("1") {
-            panic!("{test}: docker-compose does not run, and UPSTREAMD_REQUIRE_DOCKER=1");
-        }
-        println!(
-            "skipped: {test}: docker-compose does not run (scripts/install-deps.sh installs it)"
-        );
-    }
-    ok
+    available(
+        test,
+        Command::new("docker-compose").arg("version"),
+        "docker-compose does not run",
+        "scripts/install-deps.sh installs it",
+    )
 }
 
 /// A docker-compose project under a unique name, run from the repository root with the given

@@ -133,16 +133,7 @@ impl Lua {
 
     /// GET /upstreamd/status with the right secret.
     pub fn status(&self) -> Value {
-        let auth = format!("Authorization: Bearer {SECRET}");
-        let (code, _, text) = http_exchange(
-            &self.update,
-            "GET",
-            "/upstreamd/status",
-            &[&auth],
-            "",
-            Duration::from_secs(5),
-        )
-        .expect("the status location answers");
+        let (code, text) = update_status(&self.update, SECRET);
         assert_eq!(code, 200, "{text}");
         serde_json::from_str(&text).unwrap()
     }
@@ -248,4 +239,19 @@ pub fn served_for(port: u16, path: &str, ip: &str) -> String {
         Some((200, _, text)) => text.split_whitespace().last().unwrap().to_owned(),
         other => panic!("{other:?}"),
     }
+}
+
+/// GET /upstreamd/status from the update server at `update` with `secret`: (status code, body).
+pub fn update_status(update: &str, secret: &str) -> (u16, String) {
+    let auth = format!("Authorization: Bearer {secret}");
+    let (code, _, text) = http_exchange(
+        update,
+        "GET",
+        "/upstreamd/status",
+        &[&auth],
+        "",
+        Duration::from_secs(5),
+    )
+    .expect("the status location answers");
+    (code, text)
 }

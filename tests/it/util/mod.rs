@@ -643,6 +643,19 @@ impl Daemon {
         found.unwrap()
     }
 
+    /// Waits until the admin server's `/readyz` answers 200 (every source delivered and the
+    /// first apply succeeded); returns the admin server's address.
+    pub fn ready_admin(&self) -> String {
+        let admin = self.admin();
+        wait_for("readyz", Duration::from_secs(15), || {
+            matches!(
+                http_get(&admin, "/readyz", Duration::from_secs(15)),
+                Some((200, _))
+            )
+        });
+        admin
+    }
+
     /// What the daemon's loop has handled so far: probe results (`upstreamd_probes_total`,
     /// every upstream and result) and the Consul blocking queries its sources sent. Both only
     /// grow while the daemon runs.
@@ -694,6 +707,15 @@ impl Daemon {
         });
     }
 
+    /// Sends SIGHUP and waits for the daemon to log that it reloaded its configuration.
+    pub fn reload_config(&self) {
+        let before = self.output.text().matches(CONFIG_RELOADED).count();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        wait_for("the config reload", Duration::from_secs(15), || {
+            self.output.text().matches(CONFIG_RELOADED).count() > before
+        });
+    }
+
     /// Waits until the daemon's output shows `needle` (its log reaches the harness through a
     /// pipe and a reader thread, a moment after whatever the line reports).
     pub fn wait_log(&self, needle: &str) {
@@ -704,6 +726,9 @@ impl Daemon {
         );
     }
 }
+
+/// What the daemon logs once a SIGHUP's configuration is in force.
+const CONFIG_RELOADED: &str = "Configuration reloaded.";
 
 /// The address in the daemon's `Admin server listening.` line, text or JSON.
 fn admin_address(log: &str) -> Option<String> {
@@ -761,6 +786,28 @@ pub fn assert_quiet(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
     assert!(daemon.alive(), "the daemon runs");
 }
 
+/// Asserts that the file holds only the placeholder server (an upstream with no endpoint),
+/// that nginx accepts it, and that nginx answers 502.
+pub fn assert_placeholder(nginx: &Nginx) {
+    assert_eq!(
+        server_lines(&nginx.rendered()),
+        ["server 127.0.0.1:1 down;"]
+    );
+    assert!(nginx.test_config().status.success());
+    nginx.wait_spread(3, "nginx to answer 502", exactly(&["status 502"]));
+}
+
+/// Waits for nginx's `reloads`-th reload, then asserts that nothing more happens on its own
+/// ([`assert_quiet`]).
+pub fn settles_at(nginx: &Nginx, daemon: &mut Daemon, reloads: usize) {
+    wait_for(
+        &format!("reload {reloads}"),
+        Duration::from_secs(10),
+        || nginx.reloads() == reloads,
+    );
+    assert_quiet(nginx, daemon, reloads);
+}
+
 /// Waits for the daemon to report its source failed, then keeps the outage going until
 /// `until` (a moment measured from its start: how long the outage lasts is the scenario, not
 /// a wait for something) and, once the loop has run on ([`Daemon::wait_loop_ran`]), asserts
@@ -801,22 +848,55 @@ pub fn assert_outage_changes_nothing(
     noticed
 }
 
+/// Prints nginx's state when the test is failing.
+fn report_if_panicking(nginx: &Nginx) {
+    if std::thread::panicking() {
+        eprintln!(
+            "---- rendered {}:\n{}",
+            nginx.output().display(),
+            nginx.rendered()
+        );
+        eprintln!("---- nginx error.log:\n{}", nginx.error_log());
+    }
+}
+
 /// Prints nginx's state when a test fails.
 pub fn report_on_failure(nginx: &Nginx) -> impl Drop + '_ {
     struct Report<'a>(&'a Nginx);
     impl Drop for Report<'_> {
         fn drop(&mut self) {
-            if std::thread::panicking() {
-                eprintln!(
-                    "---- rendered {}:\n{}",
-                    self.0.output().display(),
-                    self.0.rendered()
-                );
-                eprintln!("---- nginx error.log:\n{}", self.0.error_log());
-            }
+            report_if_panicking(self.0);
         }
     }
     Report(nginx)
+}
+
+/// A private nginx for `upstream` and upstreamd on it, past its first apply
+/// ([`first_apply`]); nginx's state is printed if the test fails. The start most end-to-end
+/// tests share: borrow the two as `let (nginx, daemon) = (&run.nginx, &mut run.daemon);`.
+pub struct Running {
+    /// upstreamd (stopped before nginx).
+    pub daemon: Daemon,
+    /// The private nginx.
+    pub nginx: Nginx,
+}
+
+impl Running {
+    /// Starts nginx, then upstreamd with the config `config` writes for it, and waits for the
+    /// first apply.
+    pub fn start(upstream: &str, config: impl FnOnce(&Nginx) -> String) -> Self {
+        let nginx = Nginx::start(upstream);
+        let daemon = Daemon::start(&config(&nginx));
+        let run = Running { daemon, nginx };
+        first_apply(&run.nginx, &run.daemon);
+        run
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        report_if_panicking(&self.nginx);
+    }
 }
 
 /// The `server …;` lines of a rendered file, trimmed, in file order.
@@ -870,6 +950,36 @@ pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// `upstreamd_reloads_total{result="RESULT"}` from the daemon's `/metrics`; 0 while the admin
+/// server is not up yet.
+pub fn reloads_counted(admin: &str, result: &str) -> f64 {
+    let text = http_get(admin, "/metrics", Duration::from_secs(15))
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    metric(
+        &text,
+        &format!("upstreamd_reloads_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// Waits until `upstreamd_reloads_total{result="RESULT"}` is exactly `n`.
+pub fn wait_reloads(admin: &str, result: &str, n: f64) {
+    wait_reloads_until(admin, result, &format!("= {n}"), |v| v == n);
+}
+
+/// Waits until `upstreamd_reloads_total{result="RESULT"}` is `n` or more.
+pub fn wait_reloads_at_least(admin: &str, result: &str, n: f64) {
+    wait_reloads_until(admin, result, &format!(">= {n}"), |v| v >= n);
+}
+
+fn wait_reloads_until(admin: &str, result: &str, what: &str, ok: impl Fn(f64) -> bool) {
+    wait_for(
+        &format!("upstreamd_reloads_total{{result=\"{result}\"}} {what}"),
+        Duration::from_secs(15),
+        || ok(reloads_counted(admin, result)),
+    );
 }
 
 /// The local addresses listening on TCP `port`, from /proc/net/tcp and tcp6 (hex as the
@@ -967,13 +1077,7 @@ impl AdminStack {
             .admin_port0();
         let config = configure(cfg);
         let daemon = Daemon::start(&config.to_toml());
-        let admin = daemon.admin();
-        wait_for("readyz", Duration::from_secs(15), || {
-            matches!(
-                http_get(&admin, "/readyz", Duration::from_secs(15)),
-                Some((200, _))
-            )
-        });
+        let admin = daemon.ready_admin();
         AdminStack {
             replicas,
             nginx,
