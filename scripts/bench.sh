@@ -12,6 +12,8 @@
 #                  `cargo test --all-targets` already made, instead of a release build (CI).
 #   --only, --keep, --lua are passed to the harness (`--keep` keeps the work directory and
 #                  logs; `--lua`: the `modes` scenario also runs upstreamd with apply = "lua").
+#   UPSTREAMD_BENCH_LOG=<filter> sets the RUST_LOG of every upstreamd the harness starts
+#                  (default info), e.g. "upstreamd=debug,info" with --keep to read each push.
 # Exits non-zero only when the harness itself breaks, never for a missed target.
 set -euo pipefail
 cd "$(dirname "$0")/.."

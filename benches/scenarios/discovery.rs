@@ -33,7 +33,22 @@ pub struct DiscoveryResult {
     pub min_ms: f64,
     /// Every trial, in order.
     pub served_ms: Vec<f64>,
+    /// Every trial's timeline, in order (missed ones too): to line up with the daemon's log.
+    pub timeline: Vec<TrialTimes>,
     pub reloads: usize,
+}
+
+/// When one trial's write went out and how long its parts took.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrialTimes {
+    /// The replica written.
+    pub replica: String,
+    /// Wall clock at the write, ms since the Unix epoch (the daemons log UTC wall clock).
+    pub started_unix_ms: u64,
+    /// The registry write's own round trip.
+    pub write_ms: f64,
+    /// Write → first served by the new replica; `None` when missed.
+    pub served_ms: Option<f64>,
 }
 
 /// The registry under test.
@@ -185,6 +200,7 @@ pub async fn run(
     let addr = stack.addr();
     let mut served = Vec::new();
     let mut missed = 0;
+    let mut timeline = Vec::new();
     for k in 0..trials {
         if k > 0 && k % SPARES == 0 {
             for r in &spares {
@@ -212,11 +228,24 @@ pub async fn run(
         let spare = &spares[k % SPARES];
         // The clock starts before the write: its own round trip counts.
         let started = Instant::now();
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         writer.add(spare).await?;
-        match first_served(&addr, &spare.name, started, Duration::from_secs(10)).await {
-            Some(took) => served.push(took.as_secs_f64() * 1000.0),
+        let write_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let got = first_served(&addr, &spare.name, started, Duration::from_secs(10))
+            .await
+            .map(|took| took.as_secs_f64() * 1000.0);
+        match got {
+            Some(ms) => served.push(ms),
             None => missed += 1,
         }
+        timeline.push(TrialTimes {
+            replica: spare.name.clone(),
+            started_unix_ms,
+            write_ms,
+            served_ms: got,
+        });
         stack.check_alive()?;
         if matches!(peer, Peer::Upstreamd | Peer::UpstreamdLua) {
             tokio::time::sleep(quiet).await;
@@ -239,6 +268,7 @@ pub async fn run(
         max_ms: s.last().copied().unwrap_or(0.0),
         min_ms: s.first().copied().unwrap_or(0.0),
         served_ms: served,
+        timeline,
         reloads,
     })
 }

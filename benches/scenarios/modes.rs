@@ -264,7 +264,11 @@ pub fn section(rows: &[ModesResult]) -> String {
         "replica killed → last request sent to it",
         &|r| {
             r.fail.as_ref().map_or_else(none, |f| match f.last_sent_s {
-                Some(s) => format!("{s:.2} s ({} requests)", f.sent_to_victim),
+                Some(s) => format!(
+                    "{s:.2} s ({} request{})",
+                    f.sent_to_victim,
+                    if f.sent_to_victim == 1 { "" } else { "s" }
+                ),
                 None => "none sent".to_owned(),
             })
         },

@@ -593,10 +593,10 @@ impl Upstreamd {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, config_text)?;
         let mut cmd = Command::new(&bins.upstreamd);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info");
+        cmd.arg("run").arg("--config").arg(&config).env(
+            "RUST_LOG",
+            std::env::var("UPSTREAMD_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let proc = Proc::spawn(name, &mut cmd, logs, false)?;
         Ok(Self {
             admin: admin.to_owned(),

@@ -315,6 +315,35 @@ fn haproxy_targets(r: &Results) -> Vec<Target> {
 }
 
 /// `BENCHMARKS.md`.
+/// The targets table, with the targets whose scenario ran; nothing when none did (an
+/// `--only modes` run measures no target, and a table of "not run" rows says nothing).
+fn targets_section(targets: &[Target]) -> String {
+    let mut md = String::new();
+    let ran: Vec<&Target> = targets.iter().filter(|t| t.met.is_some()).collect();
+    if ran.is_empty() {
+        return md;
+    }
+    let _ = writeln!(md, "## Targets\n");
+    let _ = writeln!(
+        md,
+        "| target | measured | | why / what limits it |\n|---|---|---|---|"
+    );
+    for t in ran {
+        let verdict = if t.met == Some(true) {
+            "met"
+        } else {
+            "**missed**"
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            t.target, t.measured, verdict, t.why
+        );
+    }
+    let _ = writeln!(md);
+    md
+}
+
 pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
     let mut md = String::new();
     let p = &r.plan;
@@ -381,24 +410,7 @@ pub fn markdown(r: &Results, notes: &str, json: &str) -> String {
         let _ = writeln!(md);
     }
 
-    let _ = writeln!(md, "## Targets\n");
-    let _ = writeln!(
-        md,
-        "| target | measured | | why / what limits it |\n|---|---|---|---|"
-    );
-    for t in &r.targets {
-        let verdict = match t.met {
-            Some(true) => "met",
-            Some(false) => "**missed**",
-            None => "—",
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} |",
-            t.target, t.measured, verdict, t.why
-        );
-    }
-    let _ = writeln!(md);
+    md.push_str(&targets_section(&r.targets));
 
     // 1. Failures.
     if !r.fail.is_empty() {
