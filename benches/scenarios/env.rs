@@ -444,6 +444,15 @@ pub struct EtcdStack {
 }
 
 impl EtcdStack {
+    /// [`EtcdStack::start`] with replicas that stream the plan's long answers (`--tokens`,
+    /// `--token-delay`), as the stream and churn scenarios need.
+    pub async fn streaming(env: &mut Env, what: &str, name: &str, peer: Peer) -> Result<Self> {
+        let tokens = env.plan.tokens.to_string();
+        let delay = format!("{}ms", env.plan.token_delay_ms);
+        let extra = ["--tokens", tokens.as_str(), "--token-delay", delay.as_str()];
+        Self::start(env, what, name, peer, &extra).await
+    }
+
     /// Starts it for scenario `what`, naming the replicas `{name}1…{name}4`; `extra` goes to
     /// every replica's command line.
     pub async fn start(

@@ -93,15 +93,12 @@ fn nginx_rss(master: Option<i32>) -> u64 {
 async fn churn(env: &mut Env, peer: Peer) -> Result<Churn> {
     let plan = env.plan.clone();
     let (changes, tabs) = if plan.quick { (4, 4) } else { (20, 20) };
-    let tokens = plan.tokens.to_string();
-    let delay = format!("{}ms", plan.token_delay_ms);
-    let extra = ["--tokens", tokens.as_str(), "--token-delay", delay.as_str()];
     let EtcdStack {
         replicas,
         mut etcd,
         prefix,
         mut stack,
-    } = EtcdStack::start(env, "modes", "m", peer, &extra).await?;
+    } = EtcdStack::streaming(env, "modes", "m", peer).await?;
     let spare = &replicas[3];
     let addr = stack.addr();
     let answer = Duration::from_millis(plan.token_delay_ms * u64::from(plan.tokens));

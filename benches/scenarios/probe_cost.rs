@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::env::{front_conf, placeholder, upstreamd_toml, Balance, Env, Source};
+use crate::env::Env;
 use crate::procs::{self, Nginx, Proc, Upstreamd};
 
 /// HAProxy's file limit is 2 × maxconn + servers, within this machine's hard limit of 20,000:
@@ -95,30 +95,8 @@ impl Peers {
         if let Some(bin) = std::env::var_os("UPSTREAMD_BENCH_BASELINE") {
             let mut bins = env.bins.clone();
             bins.upstreamd = PathBuf::from(bin);
-            let dir = env.dir(&format!("scale-{n}-baseline"))?;
-            let port = procs::free_port("127.0.0.1")?;
-            let (conf, site) = front_conf(port, Balance::Sticky, 1, None)?;
-            std::fs::create_dir_all(dir.join("conf"))?;
-            std::fs::write(dir.join("conf/site.conf"), site)?;
-            let front = Nginx::start(
-                &format!("nginx-scale-{n}-baseline"),
-                &dir,
-                port,
-                &conf,
-                &placeholder(Balance::Sticky),
-                &env.logs,
-            )
-            .await?;
-            let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
-            let toml = upstreamd_toml(
-                &front,
-                &admin,
-                Balance::Sticky,
-                "250ms",
-                "2s",
-                &Source::Static(addrs),
-                false,
-            );
+            let (front, toml, admin, dir) =
+                crate::scale::start_front(env, &format!("{n}-baseline"), addrs).await?;
             let name = format!("upstreamd-scale-{n}-baseline");
             let mut u = Upstreamd::start(&bins, &name, &toml, &admin, &dir, &env.logs)?;
             u.wait_ready(Duration::from_secs(90)).await?;

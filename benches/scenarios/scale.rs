@@ -6,6 +6,7 @@
 //! ([`crate::probe_cost`]: HAProxy, a baseline upstreamd) check the same fleet over the same
 //! window.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -79,6 +80,41 @@ fn fleet_conf(ports: std::ops::Range<usize>, ctl_port: u16) -> String {
     )
 }
 
+/// The front nginx (sticky, its include owned by upstreamd) in a new work dir named after
+/// `label`, and the upstreamd config over the static list `addrs`: (nginx, config, admin
+/// address, work dir). The scale run and its baseline peer start the same front.
+pub async fn start_front(
+    env: &mut Env,
+    label: &str,
+    addrs: &[String],
+) -> Result<(Nginx, String, String, PathBuf)> {
+    let dir = env.dir(&format!("scale-{label}-front"))?;
+    let port = procs::free_port("127.0.0.1")?;
+    let (conf, site) = front_conf(port, Balance::Sticky, 1, None)?;
+    std::fs::create_dir_all(dir.join("conf"))?;
+    std::fs::write(dir.join("conf/site.conf"), site)?;
+    let front = Nginx::start(
+        &format!("nginx-scale-{label}"),
+        &dir,
+        port,
+        &conf,
+        &placeholder(Balance::Sticky),
+        &env.logs,
+    )
+    .await?;
+    let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
+    let toml = upstreamd_toml(
+        &front,
+        &admin,
+        Balance::Sticky,
+        "250ms",
+        "2s",
+        &Source::Static(addrs),
+        false,
+    );
+    Ok((front, toml, admin, dir))
+}
+
 pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
     let plan = env.plan.clone();
     crate::probe_cost::wait_for_conntrack().await;
@@ -109,30 +145,7 @@ pub async fn run(env: &mut Env, n: usize) -> Result<ScaleResult> {
         .collect();
 
     // The front nginx whose include upstreamd owns.
-    let dir = env.dir(&format!("scale-{n}-front"))?;
-    let port = procs::free_port("127.0.0.1")?;
-    let (conf, site) = front_conf(port, Balance::Sticky, 1, None)?;
-    std::fs::create_dir_all(dir.join("conf"))?;
-    std::fs::write(dir.join("conf/site.conf"), site)?;
-    let front = Nginx::start(
-        &format!("nginx-scale-{n}"),
-        &dir,
-        port,
-        &conf,
-        &placeholder(Balance::Sticky),
-        &env.logs,
-    )
-    .await?;
-    let admin = format!("127.0.0.1:{}", procs::free_port("127.0.0.1")?);
-    let toml = upstreamd_toml(
-        &front,
-        &admin,
-        Balance::Sticky,
-        "250ms",
-        "2s",
-        &Source::Static(&addrs),
-        false,
-    );
+    let (front, toml, admin, dir) = start_front(env, &format!("{n}"), &addrs).await?;
     let started = Instant::now();
     let mut u = Upstreamd::start(
         &env.bins,

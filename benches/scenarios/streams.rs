@@ -34,15 +34,12 @@ pub struct StreamsResult {
 
 pub async fn run(env: &mut Env, peer: Peer) -> Result<StreamsResult> {
     let plan = env.plan.clone();
-    let tokens = plan.tokens.to_string();
-    let delay = format!("{}ms", plan.token_delay_ms);
-    let extra = ["--tokens", tokens.as_str(), "--token-delay", delay.as_str()];
     let EtcdStack {
         replicas,
         mut etcd,
         prefix,
         mut stack,
-    } = EtcdStack::start(env, "streams", "t", peer, &extra).await?;
+    } = EtcdStack::streaming(env, "streams", "t", peer).await?;
     let spare = &replicas[3];
 
     let answer = Duration::from_millis(plan.token_delay_ms * u64::from(plan.tokens));
